@@ -1,0 +1,186 @@
+"""Image datasets as tensors on a device, and seeded minibatches by index slicing.
+
+A dataset is read once through torchvision into ``uint8`` arrays, turned into float
+tensors ``(N, C, H, W)`` with pixels in ``[0, 1]`` and moved to the device; training then
+slices it by shuffled indices, without a per-item ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .devices import resolve_device
+
+__all__ = ["ImageData", "DATASETS", "load_dataset", "batches", "default_data_dir", "DatasetNotFoundError"]
+
+DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10")
+BINARIZATION = (None, "static", "dynamic")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not in the data folder and could not be downloaded."""
+
+
+def default_data_dir() -> Path:
+    """``$PYROVAE_DATA`` if set, else ``./data``."""
+    return Path(os.environ.get("PYROVAE_DATA", "data"))
+
+
+@dataclass
+class ImageData:
+    """Splits of one dataset, each ``(N, C, H, W)`` float in ``[0, 1]`` with labels ``(N,)`` int64.
+
+    ``val`` and ``val_labels`` are ``None`` without a validation split. ``dynamic_binarization``
+    asks :func:`batches` for a fresh Bernoulli draw of every training batch.
+    """
+
+    name: str
+    train: Tensor
+    train_labels: Tensor
+    test: Tensor
+    test_labels: Tensor
+    val: Tensor | None = None
+    val_labels: Tensor | None = None
+    dynamic_binarization: bool = False
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+
+def _torchvision_class(name: str):
+    import torchvision.datasets as tvd
+
+    return {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST, "cifar10": tvd.CIFAR10}[name]
+
+
+def _expected_files(dataset_class, root: Path) -> tuple[Path, list[str]]:
+    if hasattr(dataset_class, "resources"):  # MNIST family
+        folder = root / dataset_class.__name__ / "raw"
+        return folder, [os.path.basename(url) for url, _ in dataset_class.resources]
+    return root, [dataset_class.filename]  # CIFAR-10: one archive
+
+
+def _read(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
+    """uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` of one split, read via torchvision."""
+    dataset_class = _torchvision_class(name)
+    folder, files = _expected_files(dataset_class, root)
+    existed = folder.exists()
+    try:
+        ds = dataset_class(root=str(root), train=train, download=True)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
+        if not existed:  # leave no empty folders behind
+            for empty in (folder, *folder.parents):
+                if empty == root.parent or not empty.is_dir() or any(empty.iterdir()):
+                    break
+                empty.rmdir()
+        reason = " ".join(str(error).split())
+        raise DatasetNotFoundError(
+            f"{name} is not in {folder} and could not be downloaded ({type(error).__name__}: {reason}). "
+            f"Put {', '.join(files)} in {folder} (as torchvision lays them out), or pass --data-dir "
+            "pointing at a folder that holds them."
+        ) from None
+    images = torch.as_tensor(ds.data)
+    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
+    return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def load_dataset(
+    name: str = "mnist",
+    root: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    binarize: str | None = None,
+    val_size: int = 0,
+    subset: int | None = None,
+    seed: int = 0,
+) -> ImageData:
+    """Load ``name`` (one of :data:`DATASETS`) into tensors on ``device``.
+
+    binarize: ``None`` keeps grey levels in ``[0, 1]``; ``"static"`` draws ``x ~ Bernoulli(pixel)``
+        once with ``seed``; ``"dynamic"`` leaves the pixels and has :func:`batches` draw anew each batch.
+    val_size: images taken (at random, with ``seed``) from the training set for validation.
+    subset: keep at most this many images of each split (the first ones after shuffling with ``seed``).
+    """
+    name = name.lower().replace("-", "_")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    if binarize not in BINARIZATION:
+        raise ValueError(f"binarize must be one of {BINARIZATION}, got {binarize!r}")
+    if subset is not None and subset <= 0:
+        raise ValueError(f"subset must be a positive number of images, got {subset}")
+    if val_size < 0:
+        raise ValueError(f"val_size must be non-negative, got {val_size}")
+    device = resolve_device(device)
+    root = Path(root) if root is not None else default_data_dir()
+
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_y = _read(name, root, train=True)
+    test_x, test_y = _read(name, root, train=False)
+    order = torch.randperm(len(train_x), generator=generator)
+    train_x, train_y = train_x[order], train_y[order]
+    val_x = val_y = None
+    if val_size:
+        if val_size >= len(train_x):
+            raise ValueError(f"val_size={val_size} leaves no training images (the training set has {len(train_x)})")
+        val_x, val_y = train_x[-val_size:], train_y[-val_size:]
+        train_x, train_y = train_x[:-val_size], train_y[:-val_size]
+    if subset is not None:
+        train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
+        if val_x is not None:
+            val_x, val_y = val_x[:subset], val_y[:subset]
+
+    def to_float(images: Tensor | None) -> Tensor | None:
+        if images is None:
+            return None
+        pixels = images.to(device=device, dtype=torch.float32).div_(255.0)
+        if binarize == "static":
+            pixels = torch.bernoulli(pixels.cpu(), generator=generator).to(device)
+        return pixels
+
+    def to_device(labels: Tensor | None) -> Tensor | None:
+        return None if labels is None else labels.to(device)
+
+    return ImageData(
+        name=name,
+        train=to_float(train_x),
+        train_labels=to_device(train_y),
+        test=to_float(test_x),
+        test_labels=to_device(test_y),
+        val=to_float(val_x),
+        val_labels=to_device(val_y),
+        dynamic_binarization=binarize == "dynamic",
+    )
+
+
+def batches(
+    x: Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    binarize: bool = False,
+) -> Iterator[Tensor]:
+    """Yield minibatches ``(b, C, H, W)`` of ``x: (N, C, H, W)``, sliced by (shuffled) index.
+
+    The permutation is drawn on the CPU from ``generator`` (seed it for repeatable epochs) and
+    the last batch may be smaller. ``binarize`` draws ``Bernoulli(pixels)`` for each batch
+    (dynamic binarization), also from ``generator``.
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("cannot make batches of an empty dataset")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if shuffle:
+        index = torch.randperm(n, generator=generator).to(x.device)
+    for start in range(0, n, batch_size):
+        batch = x[index[start : start + batch_size]] if shuffle else x[start : start + batch_size]
+        if binarize:
+            noise = torch.rand(batch.shape, generator=generator).to(batch.device)
+            batch = (noise < batch).to(batch.dtype)
+        yield batch

@@ -1,0 +1,43 @@
+"""The models, by name: the Pyro VAE and the deterministic baselines."""
+
+from __future__ import annotations
+
+from .autoencoders import AE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig
+from .base import AutoencoderMixin, config_to_dict
+from .vae import VAE, VAEConfig
+
+__all__ = [
+    "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
+    "DenoisingAEConfig", "VAE", "VAEConfig", "AutoencoderMixin", "MODELS", "build_model", "config_from_dict",
+    "config_to_dict",
+]
+
+#: model name -> (class, config class)
+MODELS = {
+    "vae": (VAE, VAEConfig),
+    "ae": (AE, AEConfig),
+    "sparse": (SparseAE, SparseAEConfig),
+    "stacked": (StackedAE, StackedAEConfig),
+    "denoising": (DenoisingAE, DenoisingAEConfig),
+}
+
+
+def _lookup(name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def config_from_dict(name: str, values: dict):
+    """Rebuild the config of model ``name`` from :func:`config_to_dict` output."""
+    config_class = _lookup(name)[1]
+    try:
+        return config_class(**values)
+    except TypeError as error:
+        raise ValueError(f"not a {config_class.__name__}: {error}") from None
+
+
+def build_model(name: str, config=None):
+    """A fresh model called ``name`` (one of :data:`MODELS`), from ``config`` or the defaults."""
+    model_class, config_class = _lookup(name)
+    return model_class(config if config is not None else config_class())

@@ -1,0 +1,181 @@
+"""Encoders and decoders shared by every model, so that comparisons are fair.
+
+Images are batches of shape ``(B, C, H, W)``; latent codes are ``(B, L)``.
+
+* An encoder maps ``x: (B, C, H, W)`` to a code ``(B, L)``, or, built with
+  ``gaussian=True`` (the VAE guide), to the ``loc`` and ``scale`` of a diagonal
+  Gaussian, each ``(B, L)``.
+* A decoder maps ``z: (B, L)`` to one unconstrained value per pixel,
+  ``(B, C, H, W)``: logits for a Bernoulli, the mean for a Normal, ... The
+  likelihood (see :mod:`pyrovae.likelihoods`) decides what it means.
+
+Scales are ``softplus(raw) + 1e-5``: positive for every finite input, smooth, and
+free of the overflow that ``exp`` brings for large ``raw``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NetworkConfig",
+    "MLPEncoder",
+    "MLPDecoder",
+    "ConvEncoder",
+    "ConvDecoder",
+    "build_encoder",
+    "build_decoder",
+    "ACTIVATIONS",
+]
+
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
+MIN_SCALE = 1e-5
+CONV_SHAPES = ((1, 28, 28), (3, 32, 32))
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The architecture shared by every model.
+
+    input_shape: ``(C, H, W)`` of one image.
+    latent_dim:  size ``L`` of the code.
+    hidden:      widths of the MLP's hidden layers from the image side, mirrored in the decoder;
+                 ``(400,)`` gives 784-400-L-400-784 on MNIST. Ignored when ``conv``.
+    conv:        convolutional networks instead (for ``(1, 28, 28)`` and ``(3, 32, 32)`` images).
+    activation:  one of :data:`ACTIVATIONS`.
+    """
+
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    latent_dim: int = 50
+    hidden: tuple[int, ...] = (400,)
+    conv: bool = False
+    activation: str = "relu"
+
+    def __post_init__(self):
+        shape, hidden = tuple(self.input_shape), tuple(self.hidden)
+        object.__setattr__(self, "input_shape", shape)
+        object.__setattr__(self, "hidden", hidden)
+        if len(shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in shape):
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+        if not isinstance(self.latent_dim, int) or self.latent_dim <= 0:
+            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+        if any(not isinstance(h, int) or h <= 0 for h in hidden):
+            raise ValueError(f"hidden widths must be positive integers, got {hidden}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if self.conv and shape not in CONV_SHAPES:
+            raise ValueError(f"conv networks are built for images of shape {CONV_SHAPES}, got {shape}; use the MLP")
+
+
+def _split_gaussian(h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, 2L)`` -> loc ``(B, L)``, scale ``(B, L)`` with scale > 0."""
+    loc, raw = h.chunk(2, dim=-1)
+    return loc, F.softplus(raw) + MIN_SCALE
+
+
+class MLPEncoder(nn.Module):
+    """Fully connected encoder ``(B, C, H, W) -> (B, L)`` or ``((B, L), (B, L))``.
+
+    ``layers`` holds the :class:`~torch.nn.Linear` layers in order (the stacked
+    autoencoder pretrains them one at a time); the activation follows every layer but the last.
+    """
+
+    def __init__(self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.latent_dim = latent_dim
+        self.gaussian = gaussian
+        widths = [math.prod(self.input_shape), *hidden]
+        out = 2 * latent_dim if gaussian else latent_dim
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:] + [out])])
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, x: Tensor):
+        h = x.flatten(1)
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h))
+        h = self.layers[-1](h)
+        return _split_gaussian(h) if self.gaussian else h
+
+
+class MLPDecoder(nn.Module):
+    """Fully connected decoder ``(B, L) -> (B, C, H, W)`` of unconstrained outputs.
+
+    ``hidden`` lists widths from the latent side outwards.
+    """
+
+    def __init__(self, latent_dim: int, output_shape, hidden=(400,), activation: str = "relu"):
+        super().__init__()
+        self.output_shape = tuple(output_shape)
+        self.latent_dim = latent_dim
+        widths = [latent_dim, *hidden, math.prod(self.output_shape)]
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = z
+        for layer in self.layers[:-1]:
+            h = self.activation(layer(h))
+        return self.layers[-1](h).unflatten(-1, self.output_shape)
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions and a linear head: ``(B, C, 28|32, 28|32) -> (B, L)`` (or loc, scale)."""
+
+    def __init__(self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = 32):
+        super().__init__()
+        c, h, w = input_shape
+        self.input_shape = tuple(input_shape)
+        self.latent_dim = latent_dim
+        self.gaussian = gaussian
+        act = ACTIVATIONS[activation]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, channels, 4, stride=2, padding=1), act(),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), act(),
+            nn.Flatten(),
+        )
+        flat = 2 * channels * (h // 4) * (w // 4)
+        self.head = nn.Linear(flat, 2 * latent_dim if gaussian else latent_dim)
+
+    def forward(self, x: Tensor):
+        h = self.head(self.features(x))
+        return _split_gaussian(h) if self.gaussian else h
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of :class:`ConvEncoder`: ``(B, L) -> (B, C, 28|32, 28|32)`` of unconstrained outputs."""
+
+    def __init__(self, latent_dim: int, output_shape, activation: str = "relu", channels: int = 32):
+        super().__init__()
+        c, h, w = output_shape
+        self.output_shape = tuple(output_shape)
+        self.latent_dim = latent_dim
+        act = ACTIVATIONS[activation]
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 2 * channels * (h // 4) * (w // 4)), act(),
+            nn.Unflatten(-1, (2 * channels, h // 4, w // 4)),
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), act(),
+            nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+def build_encoder(config: NetworkConfig, gaussian: bool = False) -> nn.Module:
+    """The encoder that ``config`` describes; ``gaussian=True`` for a VAE guide."""
+    if config.conv:
+        return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian)
+    return MLPEncoder(config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian)
+
+
+def build_decoder(config: NetworkConfig) -> nn.Module:
+    """The decoder that ``config`` describes, mirroring :func:`build_encoder`."""
+    if config.conv:
+        return ConvDecoder(config.latent_dim, config.input_shape, config.activation)
+    return MLPDecoder(config.latent_dim, config.input_shape, tuple(reversed(config.hidden)), config.activation)
