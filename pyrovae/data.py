@@ -71,15 +71,18 @@ def _read(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
     """uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` of one split, read via torchvision."""
     dataset_class = _torchvision_class(name)
     folder, files = _expected_files(dataset_class, root)
-    existed = folder.exists()
+    missing = []  # folders a failed download may create, deepest first
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
     try:
         ds = dataset_class(root=str(root), train=train, download=True)
     except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
-        if not existed:  # leave no empty folders behind
-            for empty in (folder, *folder.parents):
-                if empty == root.parent or not empty.is_dir() or any(empty.iterdir()):
-                    break
-                empty.rmdir()
+        for path in missing:  # leave no empty folders behind, and none that were there before
+            if not path.is_dir() or any(path.iterdir()):
+                break
+            path.rmdir()
         reason = " ".join(str(error).split())
         raise DatasetNotFoundError(
             f"{name} is not in {folder} and could not be downloaded ({type(error).__name__}: {reason}). "

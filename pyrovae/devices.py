@@ -29,7 +29,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         index_text = name[5:] if name.startswith("cuda:") else ""
-        if index_text and not index_text.isdigit():
+        if name.startswith("cuda:") and not index_text.isdigit():
             raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not torch.cuda.is_available():
             raise ValueError(

@@ -1,9 +1,11 @@
 """Likelihoods p(x|z): objects that map the decoder output to a distribution over images.
 
-Called with the decoder output ``(B, C, H, W)`` they return a Pyro distribution with
-``batch_shape == (B,)`` and ``event_shape == (C, H, W)``. A user's own likelihood is any
-callable doing the same (an ``nn.Module`` if it has parameters); give it a ``support``
-attribute (a :mod:`torch.distributions.constraints` object) to have inputs checked::
+Called with the decoder output ``(..., C, H, W)`` they return a Pyro distribution with
+``batch_shape == (...)`` and ``event_shape == (C, H, W)``: one log-probability per image,
+``(B,)`` for a batch and ``(K, B)`` for K samples of each code (vectorized ELBO particles,
+importance sampling). A user's own likelihood is any callable doing the same (an
+``nn.Module`` if it has parameters); give it a ``support`` attribute (a
+:mod:`torch.distributions.constraints` object) to have inputs checked::
 
     def student(out):
         return dist.StudentT(4.0, out, 0.1).to_event(3)
@@ -22,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import constraints
+
+#: the trailing dimensions ``(C, H, W)`` that make one image, one event of the likelihood
+IMAGE_DIMS = 3
 
 __all__ = [
     "BernoulliLikelihood",
@@ -51,7 +56,7 @@ class BernoulliLikelihood(nn.Module):
         self.support = constraints.boolean if strict else constraints.unit_interval
 
     def forward(self, logits: Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=logits, validate_args=self.strict).to_event(logits.dim() - 1)
+        return dist.Bernoulli(logits=logits, validate_args=self.strict).to_event(IMAGE_DIMS)
 
 
 class ContinuousBernoulliLikelihood(nn.Module):
@@ -60,7 +65,7 @@ class ContinuousBernoulliLikelihood(nn.Module):
     support = constraints.unit_interval
 
     def forward(self, logits: Tensor) -> dist.Distribution:
-        return dist.ContinuousBernoulli(logits=logits).to_event(logits.dim() - 1)
+        return dist.ContinuousBernoulli(logits=logits).to_event(IMAGE_DIMS)
 
 
 class _LocationScale(nn.Module):
@@ -71,7 +76,7 @@ class _LocationScale(nn.Module):
 
     def __init__(self, scale: float = 0.1, learn_scale: bool = False):
         super().__init__()
-        if scale <= 0:
+        if not scale > 0:
             raise ValueError(f"scale must be positive, got {scale}")
         raw = torch.tensor(math.log(math.expm1(scale)))  # inverse softplus
         if learn_scale:
@@ -84,7 +89,7 @@ class _LocationScale(nn.Module):
         return F.softplus(self.raw_scale) + 1e-5
 
     def forward(self, loc: Tensor) -> dist.Distribution:
-        return self.family(loc, self.scale).to_event(loc.dim() - 1)
+        return self.family(loc, self.scale).to_event(IMAGE_DIMS)
 
 
 class NormalLikelihood(_LocationScale):

@@ -7,7 +7,8 @@ Images are batches of shape ``(B, C, H, W)``; latent codes are ``(B, L)``.
   Gaussian, each ``(B, L)``.
 * A decoder maps ``z: (B, L)`` to one unconstrained value per pixel,
   ``(B, C, H, W)``: logits for a Bernoulli, the mean for a Normal, ... The
-  likelihood (see :mod:`pyrovae.likelihoods`) decides what it means.
+  likelihood (see :mod:`pyrovae.likelihoods`) decides what it means. Extra leading
+  dimensions pass through: ``(K, B, L) -> (K, B, C, H, W)``.
 
 Scales are ``softplus(raw) + 1e-5``: positive for every finite input, smooth, and
 free of the overflow that ``exp`` brings for large ``raw``.
@@ -104,7 +105,7 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """Fully connected decoder ``(B, L) -> (B, C, H, W)`` of unconstrained outputs.
+    """Fully connected decoder ``(..., L) -> (..., C, H, W)`` of unconstrained outputs.
 
     ``hidden`` lists widths from the latent side outwards.
     """
@@ -148,7 +149,7 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of :class:`ConvEncoder`: ``(B, L) -> (B, C, 28|32, 28|32)`` of unconstrained outputs."""
+    """Mirror of :class:`ConvEncoder`: ``(..., L) -> (..., C, 28|32, 28|32)`` of unconstrained outputs."""
 
     def __init__(self, latent_dim: int, output_shape, activation: str = "relu", channels: int = 32):
         super().__init__()
@@ -164,7 +165,8 @@ class ConvDecoder(nn.Module):
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+        out = self.net(z.reshape(-1, self.latent_dim))  # convolutions take one batch dimension
+        return out.reshape(*z.shape[:-1], *self.output_shape)
 
 
 def build_encoder(config: NetworkConfig, gaussian: bool = False) -> nn.Module:

@@ -47,6 +47,8 @@ class LaplacePrior(nn.Module):
 
     def __init__(self, latent_dim: int, scale: float = 1.0):
         super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.full((latent_dim,), float(scale)))
 
@@ -59,7 +61,7 @@ class StudentTPrior(nn.Module):
 
     def __init__(self, latent_dim: int, df: float = 3.0):
         super().__init__()
-        if df <= 0:
+        if not df > 0:
             raise ValueError(f"df must be positive, got {df}")
         self.register_buffer("df", torch.full((latent_dim,), float(df)))
         self.register_buffer("loc", torch.zeros(latent_dim))

@@ -1,7 +1,9 @@
 """Deterministic baselines built from the very same encoder and decoder as the VAE.
 
 Each has ``loss(x)``: a scalar, the mean over the batch of a per-image loss summed over
-pixels (nats for ``"bce"``, so it reads on the scale of a negative ELBO).
+pixels (nats for ``"bce"``, so it reads on the scale of a negative ELBO). Like the VAE,
+``loss`` checks its input while Pyro validation is on (``pyro.validation_enabled(False)``
+turns that off once the data was checked).
 
 * :class:`AE`: reconstruction loss only.
 * :class:`SparseAE`: sigmoid codes ``rho_hat`` and ``weight * sum_j KL(rho || mean_batch rho_hat_j)``.
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.distributions import constraints
 
@@ -53,7 +56,7 @@ class SparseAEConfig(AEConfig):
         super().__post_init__()
         if not 0 < self.sparsity_target < 1:
             raise ValueError(f"sparsity_target must lie in (0, 1), got {self.sparsity_target}")
-        if self.sparsity_weight < 0:
+        if not self.sparsity_weight >= 0:
             raise ValueError(f"sparsity_weight must be non-negative, got {self.sparsity_weight}")
 
 
@@ -67,8 +70,8 @@ class StackedAEConfig(AEConfig):
         super().__post_init__()
         if self.network.conv:
             raise ValueError("the stacked autoencoder pretrains fully connected layers: use conv=False")
-        if self.pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs must be non-negative, got {self.pretrain_epochs}")
+        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be a non-negative integer, got {self.pretrain_epochs!r}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class DenoisingAEConfig(AEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.noise_std < 0:
+        if not self.noise_std >= 0:
             raise ValueError(f"noise_std must be non-negative, got {self.noise_std}")
         if not 0 <= self.mask_prob < 1:
             raise ValueError(f"mask_prob must lie in [0, 1), got {self.mask_prob}")
@@ -123,6 +126,12 @@ class AE(AutoencoderMixin, nn.Module):
 
     def loss(self, x: Tensor) -> Tensor:
         """Training loss on ``x: (B, C, H, W)``: a scalar."""
+        if is_validation_enabled():
+            self.check_input(x)
+        return self._loss(x)
+
+    def _loss(self, x: Tensor) -> Tensor:
+        """The loss of each kind of autoencoder, on an input already checked."""
         return self.reconstruction_loss(self.decoder(self.encode(x)), x)
 
 
@@ -141,7 +150,7 @@ class SparseAE(AE):
         rho_hat = code.mean(0).clamp(1e-6, 1 - 1e-6)
         return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
 
-    def loss(self, x: Tensor) -> Tensor:
+    def _loss(self, x: Tensor) -> Tensor:
         code = self.encode(x)
         return self.reconstruction_loss(self.decoder(code), x) + self.config.sparsity_weight * self.sparsity_penalty(code)
 
@@ -158,7 +167,7 @@ class DenoisingAE(AE):
             noisy = noisy * (torch.rand_like(x) >= self.config.mask_prob)
         return noisy
 
-    def loss(self, x: Tensor) -> Tensor:
+    def _loss(self, x: Tensor) -> Tensor:
         source = self.corrupt(x) if self.training else x
         return self.reconstruction_loss(self.decoder(self.encode(source)), x)
 
@@ -185,10 +194,12 @@ class StackedAE(AE):
     def pretrain_layers(self) -> int:
         return len(self.encoder.layers) if self.config.pretrain_epochs > 0 else 0
 
-    def loss(self, x: Tensor) -> Tensor:
+    def _loss(self, x: Tensor) -> Tensor:
         if self.active_layer is None:
-            return super().loss(x)
+            return super()._loss(x)
         k, last = self.active_layer, len(self.encoder.layers) - 1
+        if not isinstance(k, int) or not 0 <= k <= last:
+            raise ValueError(f"active_layer must be None or a layer index 0..{last}, got {k!r}")
         enc, dec = self.encoder, self.decoder
         with torch.no_grad():  # the layers below are fixed: their output is the input of this one
             h = x.flatten(1)

@@ -17,7 +17,8 @@ Train it with any Pyro ELBO, inside your own loop::
         svi.step(x, num_data=60000)
 
 ``num_data`` scales the batch to the dataset size (a minibatch estimate of the full ELBO);
-``kl_weight`` (beta) scales the latent site in both model and guide, which multiplies the KL term.
+``kl_weight`` (beta) scales the latent site in both model and guide, which multiplies the KL term
+(a weight of 0 masks the site: only the reconstruction term is left).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from ..likelihoods import make_likelihood
+from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..nets import NetworkConfig, build_decoder, build_encoder
-from ..priors import check_prior, make_prior
+from ..priors import PRIORS, check_prior, make_prior
 from .base import AutoencoderMixin
 
 __all__ = ["VAE", "VAEConfig", "declare_parameters"]
@@ -57,6 +58,12 @@ class VAEConfig:
             object.__setattr__(self, "network", NetworkConfig(**self.network))
         if not self.beta >= 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"unknown prior {self.prior!r}; choose from {sorted(PRIORS)} (or pass prior= to VAE)")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"unknown likelihood {self.likelihood!r}; choose from {sorted(LIKELIHOODS)} (or pass likelihood= to VAE)"
+            )
 
 
 def _own_value(name, value, constraint=None, event_dim=None):
@@ -120,6 +127,10 @@ class VAE(AutoencoderMixin, PyroModule):
                 f"{tuple(d.batch_shape)} and {tuple(d.event_shape)}; use .to_event(3) on a per-pixel distribution"
             )
 
+    def _kl_scale(self):
+        """Scale the latent site by ``kl_weight``; a weight of 0 masks it (Pyro's scale must be positive)."""
+        return poutine.mask(mask=False) if self.kl_weight == 0 else poutine.scale(scale=self.kl_weight)
+
     def model(self, x: Tensor, num_data: int | None = None) -> None:
         """p(x, z) = p(z) p(x|z) for ``x: (B, C, H, W)``; the batch stands for ``num_data`` images."""
         if is_validation_enabled():
@@ -129,7 +140,7 @@ class VAE(AutoencoderMixin, PyroModule):
         declare_parameters(self.prior, "prior")
         batch_size = x.shape[0]
         with pyro.plate("data", batch_size, device=x.device), poutine.scale(scale=(num_data or batch_size) / batch_size):
-            with poutine.scale(scale=self.kl_weight):
+            with self._kl_scale():
                 z = pyro.sample("z", self.prior())  # (B, L)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
@@ -141,7 +152,7 @@ class VAE(AutoencoderMixin, PyroModule):
         batch_size = x.shape[0]
         with pyro.plate("data", batch_size, device=x.device), poutine.scale(scale=(num_data or batch_size) / batch_size):
             loc, scale = self.encoder(x)  # (B, L) each
-            with poutine.scale(scale=self.kl_weight):
+            with self._kl_scale():
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def encode(self, x: Tensor) -> Tensor:

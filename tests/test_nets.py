@@ -1,0 +1,99 @@
+"""Encoders and decoders: shapes for every network and image size, positive scales, config errors."""
+
+import pytest
+import torch
+
+from pyrovae.nets import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
+
+SHAPES = [(1, 28, 28), (3, 32, 32)]
+KINDS = [False, True]  # conv?
+
+
+def config(shape, conv, **changes):
+    return NetworkConfig(**{"input_shape": shape, "latent_dim": 5, "hidden": (32, 16), "conv": conv, **changes})
+
+
+@pytest.mark.parametrize("conv", KINDS, ids=["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["1x28x28", "3x32x32"])
+def test_encoder_and_decoder_shapes(shape, conv):
+    cfg = config(shape, conv)
+    encoder, decoder = build_encoder(cfg), build_decoder(cfg)
+    assert isinstance(encoder, ConvEncoder if conv else MLPEncoder)
+    assert isinstance(decoder, ConvDecoder if conv else MLPDecoder)
+    x = torch.rand(4, *shape)
+    z = encoder(x)
+    assert z.shape == (4, 5)
+    assert decoder(z).shape == (4, *shape)
+
+
+@pytest.mark.parametrize("conv", KINDS, ids=["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["1x28x28", "3x32x32"])
+def test_decoders_pass_extra_leading_dimensions_through(shape, conv):
+    decoder = build_decoder(config(shape, conv))
+    z = torch.randn(3, 4, 5)  # (K, B, L), e.g. importance samples
+    out = decoder(z)
+    assert out.shape == (3, 4, *shape)
+    # each code is decoded on its own: the same as decoding the flat batch
+    torch.testing.assert_close(out.flatten(0, 1), decoder(z.flatten(0, 1)))
+
+
+@pytest.mark.parametrize("conv", KINDS, ids=["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["1x28x28", "3x32x32"])
+@pytest.mark.parametrize("magnitude", [1.0, 1e4, -1e4])
+def test_gaussian_encoder_gives_loc_and_positive_finite_scale(shape, conv, magnitude):
+    encoder = build_encoder(config(shape, conv), gaussian=True)
+    x = magnitude * torch.rand(6, *shape)
+    loc, scale = encoder(x)
+    assert loc.shape == scale.shape == (6, 5)
+    assert torch.isfinite(loc).all() and torch.isfinite(scale).all()
+    assert (scale > 0).all()
+
+
+def test_gaussian_scale_stays_positive_for_extreme_raw_outputs():
+    encoder = MLPEncoder((1, 2, 2), latent_dim=2, hidden=(), gaussian=True)
+    with torch.no_grad():
+        encoder.layers[0].weight.zero_()
+        encoder.layers[0].bias.copy_(torch.tensor([0.0, 0.0, -1e4, 1e4]))  # raw scales far out both ways
+    loc, scale = encoder(torch.rand(3, 1, 2, 2))
+    assert (scale[:, 0] > 0).all() and torch.isfinite(scale).all()
+    torch.testing.assert_close(scale[:, 1], torch.full((3,), 1e4))
+
+
+def test_mlp_layers_mirror_each_other():
+    cfg = NetworkConfig(input_shape=(1, 28, 28), latent_dim=7, hidden=(100, 30))
+    encoder, decoder = build_encoder(cfg), build_decoder(cfg)
+    assert [(layer.in_features, layer.out_features) for layer in encoder.layers] == [(784, 100), (100, 30), (30, 7)]
+    assert [(layer.in_features, layer.out_features) for layer in decoder.layers] == [(7, 30), (30, 100), (100, 784)]
+    gaussian = build_encoder(cfg, gaussian=True)
+    assert gaussian.layers[-1].out_features == 14
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_builds_and_runs(activation):
+    cfg = config((1, 28, 28), False, activation=activation)
+    out = build_decoder(cfg)(build_encoder(cfg)(torch.rand(2, 1, 28, 28)))
+    assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
+
+
+def test_config_normalises_lists_to_tuples():
+    cfg = NetworkConfig(input_shape=[1, 28, 28], hidden=[20])
+    assert cfg.input_shape == (1, 28, 28) and cfg.hidden == (20,)
+    assert cfg == NetworkConfig(input_shape=(1, 28, 28), hidden=(20,))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(latent_dim=0), "latent_dim must be a positive integer"),
+        (dict(latent_dim=-3), "latent_dim must be a positive integer"),
+        (dict(latent_dim=2.5), "latent_dim must be a positive integer"),
+        (dict(input_shape=(28, 28)), r"input_shape must be \(C, H, W\)"),
+        (dict(input_shape=(1, 0, 28)), r"input_shape must be \(C, H, W\)"),
+        (dict(hidden=(64, 0)), "hidden widths must be positive integers"),
+        (dict(activation="swish"), "unknown activation 'swish'"),
+        (dict(conv=True, input_shape=(1, 20, 20)), "conv networks are built for images of shape"),
+    ],
+)
+def test_bad_config_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        NetworkConfig(**changes)

@@ -1,0 +1,113 @@
+"""Priors p(z): shapes, learnable mixture, user-defined priors, and clear errors."""
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyrovae.priors import PRIORS, GaussianMixturePrior, LaplacePrior, StandardNormal, StudentTPrior, check_prior, make_prior
+
+L = 6
+
+
+@pytest.mark.parametrize("name", sorted(PRIORS))
+def test_builtin_priors_are_distributions_over_codes(name):
+    prior = make_prior(name, L)
+    check_prior(prior, L)
+    d = prior()
+    assert d.batch_shape == () and d.event_shape == (L,)
+    z = d.sample((5,))
+    assert z.shape == (5, L)
+    log_p = d.log_prob(z)
+    assert log_p.shape == (5,) and torch.isfinite(log_p).all()
+
+
+def test_standard_normal_log_density():
+    z = torch.randn(4, L)
+    expected = -0.5 * (z.square() + math.log(2 * math.pi)).sum(1)
+    torch.testing.assert_close(StandardNormal(L)().log_prob(z), expected)
+
+
+def test_laplace_and_student_t_use_their_parameters():
+    z = torch.randn(3, L)
+    torch.testing.assert_close(LaplacePrior(L, scale=2.0)().log_prob(z), torch.distributions.Laplace(0.0, 2.0).log_prob(z).sum(1))
+    torch.testing.assert_close(StudentTPrior(L, df=5.0)().log_prob(z), torch.distributions.StudentT(5.0).log_prob(z).sum(1))
+
+
+def test_mixture_is_seeded_and_its_components_differ():
+    a, b, c = GaussianMixturePrior(L, 4, seed=1), GaussianMixturePrior(L, 4, seed=1), GaussianMixturePrior(L, 4, seed=2)
+    torch.testing.assert_close(a.locs, b.locs)
+    assert not torch.equal(a.locs, c.locs)
+    assert torch.cdist(a.locs, a.locs)[~torch.eye(4, dtype=torch.bool)].min() > 0.1
+    torch.testing.assert_close(a().component_distribution.base_dist.scale, torch.ones(4, L), atol=1e-4, rtol=0)
+
+
+def test_mixture_log_density_matches_logsumexp_and_has_gradients():
+    prior = GaussianMixturePrior(L, 3)
+    z = torch.randn(5, L)
+    log_p = prior().log_prob(z)
+    scale = nn.functional.softplus(prior.raw_scales) + 1e-5
+    per_component = torch.distributions.Normal(prior.locs, scale).log_prob(z.unsqueeze(1)).sum(-1)  # (5, 3)
+    expected = torch.logsumexp(per_component + torch.log_softmax(prior.logits, 0), dim=1)
+    torch.testing.assert_close(log_p, expected)
+    log_p.sum().backward()
+    for name, param in prior.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_builtin_priors_keep_tensors_as_buffers_that_follow_the_module():
+    for name in sorted(PRIORS):
+        prior = make_prior(name, L).double()
+        d = prior()
+        assert d.sample().dtype == torch.float64, name
+        assert all(t.dtype == torch.float64 for t in prior.state_dict().values()), name
+
+
+def test_user_priors_pass_the_check():
+    class Gumbel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("loc", torch.zeros(L))
+
+        def forward(self):
+            return dist.Gumbel(self.loc, 1.0).to_event(1)
+
+    check_prior(Gumbel(), L)
+    check_prior(lambda: dist.Laplace(torch.zeros(L), 1.0).to_event(1), L)
+
+
+@pytest.mark.parametrize(
+    "prior, message",
+    [
+        ("normal", "a prior must be callable"),
+        (lambda: torch.zeros(L), "the prior returned Tensor, not a distribution"),
+        (lambda: dist.Normal(torch.zeros(L), 1.0), r"batch_shape \(\) and event_shape \(6,\).*got batch_shape \(6,\)"),
+        (lambda: dist.Normal(torch.zeros(L + 1), 1.0).to_event(1), r"got batch_shape \(\) and event_shape \(7,\)"),
+        (lambda: dist.Normal(torch.zeros(2, L), 1.0).to_event(1), r"got batch_shape \(2,\)"),
+    ],
+)
+def test_check_prior_names_the_problem(prior, message):
+    with pytest.raises(ValueError, match=message):
+        check_prior(prior, L)
+
+
+def test_unknown_prior_name():
+    with pytest.raises(ValueError, match=r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t'\]"):
+        make_prior("cauchy", L)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: LaplacePrior(L, scale=0.0), "scale must be positive"),
+        (lambda: LaplacePrior(L, scale=float("nan")), "scale must be positive"),
+        (lambda: StudentTPrior(L, df=-1.0), "df must be positive"),
+        (lambda: StudentTPrior(L, df=float("nan")), "df must be positive"),
+        (lambda: GaussianMixturePrior(L, num_components=0), "num_components must be positive"),
+    ],
+)
+def test_bad_prior_parameters(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

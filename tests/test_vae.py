@@ -1,0 +1,460 @@
+"""The Pyro VAE: shapes, devices, the ELBO it defines (checked against torch.distributions),
+use inside a plain SVI loop, user priors and likelihoods, training on real MNIST, bad input."""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+from torch.distributions import Normal, constraints, kl_divergence
+
+from conftest import cuda, tiny_network
+from pyrovae.data import batches
+from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, NormalLikelihood
+from pyrovae.models import MODELS, VAE, VAEConfig, build_model, config_from_dict, config_to_dict
+from pyrovae.priors import PRIORS
+
+L = 8
+
+
+def make_vae(**changes) -> VAE:
+    return VAE(VAEConfig(network=tiny_network(), **changes))
+
+
+def capturing(guide, draws: list):
+    """``guide``, also appending the ``z`` it samples on each call to ``draws``."""
+
+    def wrapped(*args, **kwargs):
+        with poutine.trace() as tracer:
+            guide(*args, **kwargs)
+        draws.append(tracer.trace.nodes["z"]["value"])
+
+    return wrapped
+
+
+def log_weights(vae: VAE, x, z):
+    """Independent of Pyro: ``(log p(x|z), log p(z), log q(z|x))`` for a Normal prior and Bernoulli likelihood.
+
+    ``x: (B, C, H, W)``, ``z: (..., B, L)``; each result ``(..., B)``.
+    """
+    loc, scale = vae.encoder(x)
+    log_q = Normal(loc, scale).log_prob(z).sum(-1)
+    log_p = Normal(torch.zeros(()), torch.ones(())).log_prob(z).sum(-1)
+    logits = vae.decoder(z)
+    log_lik = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)
+    return log_lik, log_p, log_q
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "network",
+    [tiny_network(), tiny_network(conv=True), tiny_network(input_shape=(3, 32, 32)), tiny_network(input_shape=(3, 32, 32), conv=True)],
+    ids=["mlp-1x28x28", "conv-1x28x28", "mlp-3x32x32", "conv-3x32x32"],
+)
+def test_shapes(network):
+    vae = VAE(VAEConfig(network=network))
+    shape = network.input_shape
+    x = torch.rand(5, *shape)
+    z = vae.encode(x)
+    assert z.shape == (5, L)
+    assert vae.decode(z).shape == (5, *shape)
+    recon = vae.reconstruct(x)
+    assert recon.shape == (5, *shape) and not recon.requires_grad
+    assert 0 <= recon.min() and recon.max() <= 1  # Bernoulli means, not logits
+    samples = vae.sample(7)
+    assert samples.shape == (7, *shape)
+    path = vae.interpolate(x[0], x[1], steps=6)
+    assert path.shape == (6, *shape)
+    torch.testing.assert_close(path[0], vae.reconstruct(x[:1])[0])
+    torch.testing.assert_close(path[-1], vae.reconstruct(x[1:2])[0])
+    assert vae.input_shape == shape and vae.latent_dim == L
+    loss = Trace_ELBO().loss(vae.model, vae.guide, x)
+    assert math.isfinite(loss)
+
+
+def test_encode_is_the_posterior_mean():
+    vae = make_vae()
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(vae.encode(x), vae.encoder(x)[0])
+
+
+def test_sample_and_interpolate_errors():
+    vae = make_vae()
+    with pytest.raises(ValueError, match="n must be positive"):
+        vae.sample(0)
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        vae.interpolate(x[0], x[1], steps=1)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def all_tensors(module: nn.Module):
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@pytest.mark.parametrize("prior", sorted(PRIORS))
+def test_to_moves_parameters_and_buffers(prior):
+    vae = VAE(VAEConfig(network=tiny_network(), prior=prior), likelihood=NormalLikelihood(0.2))
+    names = set(all_tensors(vae))
+    assert "likelihood.raw_scale" in names and any(name.startswith("prior.") for name in names)
+    vae.to("meta")  # a device of its own, on any machine
+    assert {name for name, t in all_tensors(vae).items() if t.device.type != "meta"} == set()
+    assert vae.device.type == "meta"
+
+
+def test_double_precision_reaches_prior_and_likelihood():
+    vae = VAE(VAEConfig(network=tiny_network(), prior="laplace"), likelihood=NormalLikelihood(0.2)).double()
+    assert vae.prior().sample().dtype == torch.float64
+    assert vae.likelihood.scale.dtype == torch.float64
+    assert vae.sample(2).dtype == torch.float64
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, torch.rand(4, 1, 28, 28, dtype=torch.float64))
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
+
+
+@cuda
+@pytest.mark.parametrize("conv", [False, True])
+def test_runs_on_cuda(conv):
+    vae = VAE(VAEConfig(network=tiny_network(conv=conv), prior="mixture"), likelihood=NormalLikelihood(0.2, learn_scale=True)).to("cuda")
+    assert {t.device.type for t in all_tensors(vae).values()} == {"cuda"}
+    x = torch.rand(6, 1, 28, 28, device="cuda")
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    assert math.isfinite(svi.step(x, num_data=100))
+    assert vae.sample(3).device.type == "cuda"
+    assert vae.interpolate(x[0], x[1], steps=3).device.type == "cuda"
+    assert vae.reconstruct(x).device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- the ELBO
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "conv"])
+def test_gradients_reach_every_parameter(conv, images):
+    vae = VAE(VAEConfig(network=tiny_network(conv=conv), prior="mixture"), likelihood=NormalLikelihood(0.3, learn_scale=True))
+    names = {name for name, _ in vae.named_parameters()}
+    assert {"prior.logits", "prior.locs", "prior.raw_scales", "likelihood.raw_scale"} <= names
+    Trace_ELBO().differentiable_loss(vae.model, vae.guide, images[:8]).backward()
+    for name, param in vae.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("beta, num_data", [(1.0, None), (0.0, None), (2.5, 1000)])
+def test_trace_elbo_equals_hand_computed_elbo_at_the_same_z(beta, num_data, images):
+    vae = make_vae(beta=beta)
+    x = images[:8]
+    draws = []
+    loss = Trace_ELBO().differentiable_loss(vae.model, capturing(vae.guide, draws), x, num_data=num_data)
+    log_lik, log_p, log_q = log_weights(vae, x, draws[0])
+    scale = (num_data or len(x)) / len(x)
+    expected = -scale * (log_lik + beta * (log_p - log_q)).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("beta, num_data", [(1.0, None), (0.0, None), (2.5, 1000)])
+def test_mean_field_elbo_equals_analytic_kl_plus_reconstruction(beta, num_data, images):
+    vae = make_vae(beta=beta)
+    x = images[:8]
+    draws = []
+    loss = TraceMeanField_ELBO().differentiable_loss(vae.model, capturing(vae.guide, draws), x, num_data=num_data)
+    log_lik, _, _ = log_weights(vae, x, draws[0])
+    loc, scale = vae.encoder(x)
+    kl = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).sum(-1)
+    expected = -(num_data or len(x)) / len(x) * (log_lik - beta * kl).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_kl_weight_can_be_changed_on_the_instance(images):
+    """A trainer anneals beta by setting ``kl_weight``; with 0 only the reconstruction term is left."""
+    vae = make_vae()
+    vae.kl_weight = 0.0
+    x = images[:8]
+    draws = []
+    loss = Trace_ELBO().differentiable_loss(vae.model, capturing(vae.guide, draws), x)
+    log_lik, _, _ = log_weights(vae, x, draws[0])
+    torch.testing.assert_close(loss, -log_lik.sum(), rtol=1e-5, atol=1e-3)
+
+
+def test_trace_elbo_agrees_with_an_independent_monte_carlo_estimate(images):
+    vae = make_vae()
+    x = images[:8]
+    particles = 2000
+    with torch.no_grad():
+        pyro_loss = Trace_ELBO(num_particles=particles, vectorize_particles=True).loss(vae.model, vae.guide, x)
+        loc, scale = vae.encoder(x)
+        z = Normal(loc, scale).sample((particles,))  # (P, B, L), drawn by torch, not Pyro
+        log_lik, log_p, log_q = log_weights(vae, x, z)
+        per_draw = -(log_lik + log_p - log_q).sum(-1)  # (P,) one-sample estimates of the loss
+    mean, sd = per_draw.mean().item(), per_draw.std().item()
+    tolerance = 4 * sd * math.sqrt(2 / particles)  # two independent means, four standard errors
+    assert abs(pyro_loss - mean) < tolerance, (pyro_loss, mean, tolerance)
+    # and both sit above the exact-KL value by no more than noise: E[log q - log p] = KL
+    kl = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).sum()
+    assert abs((-log_lik.sum(-1).mean() + kl).item() - mean) < 4 * sd / math.sqrt(particles)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_iwae_bound_equals_hand_computed_importance_weights(vectorize, images):
+    vae = make_vae()
+    x = images[:6]
+    k = 5
+    draws = []
+    loss = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=vectorize).loss(vae.model, capturing(vae.guide, draws), x)
+    z = draws[-1] if vectorize else torch.stack(draws)  # (k, B, L); a vectorized ELBO first runs the guide once alone
+    assert z.shape == (k, 6, L)
+    with torch.no_grad():
+        log_lik, log_p, log_q = log_weights(vae, x, z)
+        expected = -(torch.logsumexp(log_lik + log_p - log_q, dim=0) - math.log(k)).sum()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_num_data_scales_the_whole_loss(images):
+    vae = make_vae()
+    x = images[:8]
+    pyro.set_rng_seed(3)
+    plain = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(3)
+    scaled = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=300)
+    torch.testing.assert_close(scaled, plain * 300 / 8)
+
+
+# --------------------------------------------------------------------------- in a user's SVI loop
+
+
+def test_plain_svi_loop_trains_and_keeps_the_param_store_untouched(images):
+    store_before = set(pyro.get_param_store().keys())
+    vae = VAE(VAEConfig(network=tiny_network(), prior="mixture"), likelihood=NormalLikelihood(0.3, learn_scale=True))
+    other = make_vae()
+    other_before = {name: t.clone() for name, t in other.state_dict().items()}
+    start = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    x = images[:64]
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
+
+    def evaluate():
+        pyro.set_rng_seed(1)
+        return elbo.loss(vae.model, vae.guide, x)
+
+    before = evaluate()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), Trace_ELBO())
+    for _ in range(40):
+        svi.step(x)
+    after = evaluate()
+    assert after < before - 0.05 * abs(before), (before, after)
+    for name, param in vae.named_parameters():
+        assert not torch.equal(param, start[name]), f"{name} was not trained"
+    for name, tensor in other.state_dict().items():  # same parameter names, separate tensors
+        assert torch.equal(tensor, other_before[name]), name
+    assert set(pyro.get_param_store().keys()) == store_before
+
+
+def test_two_instances_share_no_tensors():
+    a, b = make_vae(), make_vae()
+    assert {p.data_ptr() for p in a.parameters()}.isdisjoint(p.data_ptr() for p in b.parameters())
+    assert [name for name, _ in a.named_parameters()] == [name for name, _ in b.named_parameters()]
+
+
+def test_one_pyro_optimizer_can_train_two_instances_independently(images):
+    a, b = make_vae(), make_vae()
+    x = images[:16]
+    optimizer = pyro.optim.Adam({"lr": 1e-2})
+    svi_a = SVI(a.model, a.guide, optimizer, Trace_ELBO())
+    svi_b = SVI(b.model, b.guide, optimizer, Trace_ELBO())
+    b_start = {name: t.clone() for name, t in b.state_dict().items()}
+    svi_a.step(x)
+    assert all(torch.equal(t, b_start[name]) for name, t in b.state_dict().items())
+    a_after = {name: t.clone() for name, t in a.state_dict().items()}
+    svi_b.step(x)
+    assert all(torch.equal(t, a_after[name]) for name, t in a.state_dict().items())
+    assert not all(torch.equal(t, b_start[name]) for name, t in b.state_dict().items())
+
+
+# --------------------------------------------------------------------------- user-defined parts
+
+
+class ShiftedNormal(nn.Module):
+    """A user's prior with a learnable mean."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.loc = nn.Parameter(torch.full((latent_dim,), 0.5))
+
+    def forward(self):
+        return dist.Normal(self.loc, 1.0).to_event(1)
+
+
+class StudentT(nn.Module):
+    """A user's likelihood: Student-t pixels with a learned scale."""
+
+    support = constraints.real
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, out):
+        return dist.StudentT(4.0, out, self.log_scale.exp()).to_event(3)
+
+
+def train_svi(vae, x, steps, lr=3e-3):
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    losses = [svi.step(x) for _ in range(steps)]
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+
+@pytest.mark.parametrize("kind", ["module", "function"])
+def test_user_prior_and_likelihood_plug_in_and_train(kind, images):
+    latent = tiny_network().latent_dim
+    if kind == "module":
+        prior = ShiftedNormal(latent)
+    else:
+        def prior():
+            return dist.Laplace(torch.zeros(latent), 1.0).to_event(1)
+    vae = VAE(VAEConfig(network=tiny_network()), prior=prior, likelihood=StudentT())
+    assert vae.support is constraints.real
+    likelihood_start = vae.likelihood.log_scale.item()
+    first, last = train_svi(vae, images[:32], steps=40)
+    assert last < first
+    assert vae.likelihood.log_scale.item() != likelihood_start
+    if kind == "module":
+        assert not torch.equal(vae.prior.loc, torch.full((latent,), 0.5))
+    assert vae.sample(3).shape == (3, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "prior, message",
+    [
+        (lambda: dist.Normal(torch.zeros(L), 1.0), r"event_shape \(8,\), got batch_shape \(8,\) and event_shape \(\)"),
+        (lambda: dist.Normal(torch.zeros(3), 1.0).to_event(1), r"event_shape \(8,\).*event_shape \(3,\)"),
+        (lambda: torch.zeros(L), "not a distribution"),
+    ],
+)
+def test_bad_prior_is_rejected_at_construction(prior, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(VAEConfig(network=tiny_network()), prior=prior)
+
+
+@pytest.mark.parametrize(
+    "likelihood, message",
+    [
+        (lambda out: dist.Normal(out, 1.0), r"use .to_event\(3\)"),
+        (lambda out: dist.Normal(out, 1.0).to_event(4), r"batch_shape \(B,\) and event_shape \(1, 28, 28\)"),
+        (lambda out: out.sigmoid(), "the likelihood returned Tensor, not a distribution"),
+    ],
+)
+def test_bad_likelihood_is_rejected_at_construction(likelihood, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(VAEConfig(network=tiny_network()), likelihood=likelihood)
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("prior", sorted(PRIORS))
+def test_every_builtin_prior_and_likelihood(prior, likelihood, images):
+    vae = make_vae(prior=prior, likelihood=likelihood)
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, images[:4], num_data=300)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in vae.parameters())
+    assert vae.sample(2).shape == (2, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- training on real MNIST
+
+
+def test_short_training_run_lowers_the_loss(mnist):
+    vae = make_vae()
+    data = mnist.train  # 300 images
+    elbo = Trace_ELBO()
+
+    def loss_per_image():
+        pyro.set_rng_seed(1)
+        with torch.no_grad():
+            return sum(elbo.loss(vae.model, vae.guide, x) for x in batches(data, 100, shuffle=False)) / len(data)
+
+    before = loss_per_image()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    with pyro.validation_enabled(False):  # the data was checked once, above
+        for _ in range(4):
+            for x in batches(data, 32, generator):
+                optimizer.zero_grad()
+                elbo.differentiable_loss(vae.model, vae.guide, x, num_data=len(data)).backward()
+                optimizer.step()
+    after = loss_per_image()
+    assert after < 0.7 * before, (before, after)  # ~545 -> ~260 nats per image
+
+
+# --------------------------------------------------------------------------- bad input and config
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.rand(4, 784), r"expected images of shape \(B, 1, 28, 28\), got \(4, 784\)"),
+        (torch.rand(4, 3, 28, 28), r"got \(4, 3, 28, 28\)"),
+        (torch.randint(0, 256, (4, 1, 28, 28)), "floating-point"),
+        (torch.full((4, 1, 28, 28), math.nan), "NaN"),
+        (torch.full((4, 1, 28, 28), 1.5), "outside the likelihood's support"),
+        (torch.full((4, 1, 28, 28), -0.1), "outside the likelihood's support"),
+    ],
+)
+def test_bad_input_is_named(x, message):
+    vae = make_vae()
+    with pytest.raises(ValueError, match=message):
+        Trace_ELBO().loss(vae.model, vae.guide, x)
+    with pytest.raises(ValueError, match=message):
+        vae.guide(x)
+
+
+def test_strict_bernoulli_rejects_grey_levels():
+    vae = VAE(VAEConfig(network=tiny_network()), likelihood=BernoulliLikelihood(strict=True))
+    with pytest.raises(ValueError, match="outside the likelihood's support"):
+        Trace_ELBO().loss(vae.model, vae.guide, torch.full((4, 1, 28, 28), 0.5))
+    assert math.isfinite(Trace_ELBO().loss(vae.model, vae.guide, torch.bernoulli(torch.full((4, 1, 28, 28), 0.5))))
+
+
+def test_checks_follow_the_likelihood_and_pyro_validation():
+    x = torch.full((4, 1, 28, 28), 1.5)
+    vae = make_vae(likelihood="normal")  # real support: 1.5 is fine
+    assert math.isfinite(Trace_ELBO().loss(vae.model, vae.guide, x))
+    vae = make_vae()
+    with pyro.validation_enabled(False):  # the user turned checks off: no ValueError
+        vae.guide(x)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(prior="cauchy"), r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t'\]"),
+        (dict(likelihood="poisson"), "unknown likelihood 'poisson'; choose from"),
+        (dict(beta=-1.0), "beta must be non-negative"),
+        (dict(beta=math.nan), "beta must be non-negative"),
+        (dict(network=dict(latent_dim=0)), "latent_dim must be a positive integer"),
+    ],
+)
+def test_bad_config(changes, message):
+    with pytest.raises(ValueError, match=message):
+        VAEConfig(**changes)
+
+
+def test_config_round_trips_through_json():
+    config = VAEConfig(network=tiny_network(conv=True), prior="laplace", likelihood="normal", beta=0.5)
+    rebuilt = config_from_dict("vae", json.loads(json.dumps(config_to_dict(config))))
+    assert rebuilt == config
+    vae = build_model("vae", rebuilt)
+    assert isinstance(vae, VAE) and vae.config == config and vae.kl_weight == 0.5
+
+
+def test_model_registry_errors():
+    assert set(MODELS) == {"vae", "ae", "sparse", "stacked", "denoising"}
+    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['ae', 'denoising', 'sparse', 'stacked', 'vae'\]"):
+        build_model("gan")
+    with pytest.raises(ValueError, match="not a VAEConfig"):
+        config_from_dict("vae", {"nonsense": 1})
