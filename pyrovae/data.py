@@ -86,8 +86,8 @@ def _read(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
         reason = " ".join(str(error).split())
         raise DatasetNotFoundError(
             f"{name} is not in {folder} and could not be downloaded ({type(error).__name__}: {reason}). "
-            f"Put {', '.join(files)} in {folder} (as torchvision lays them out), or pass --data-dir "
-            "pointing at a folder that holds them."
+            f"Put {', '.join(files)} in {folder} (as torchvision lays them out), or point "
+            "root (--data-dir, $PYROVAE_DATA) at a folder that holds them."
         ) from None
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
@@ -108,7 +108,8 @@ def load_dataset(
     binarize: ``None`` keeps grey levels in ``[0, 1]``; ``"static"`` draws ``x ~ Bernoulli(pixel)``
         once with ``seed``; ``"dynamic"`` leaves the pixels and has :func:`batches` draw anew each batch.
     val_size: images taken (at random, with ``seed``) from the training set for validation.
-    subset: keep at most this many images of each split (the first ones after shuffling with ``seed``).
+    subset: keep at most this many images of each split (training: the first after shuffling with ``seed``;
+        test: its first ones).
     """
     name = name.lower().replace("-", "_")
     if name not in DATASETS:

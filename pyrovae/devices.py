@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(
                 f"device {device!r} was asked for, but CUDA is not available on this machine "
-                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu or auto"
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use device 'cpu' or 'auto'"
             )
         count = torch.cuda.device_count()
         index = int(index_text) if index_text else torch.cuda.current_device()
