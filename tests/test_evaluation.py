@@ -1,0 +1,240 @@
+"""Tests of pyrovae.evaluation against quantities known in closed form.
+
+The log-likelihood estimator is checked on a linear-Gaussian VAE, where
+p(x) = N(x; b, W W^T + s^2 I) exactly and, with orthogonal columns of W, the true posterior is a
+diagonal Gaussian that the VAE's guide can represent.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, VAEConfig
+from pyrovae.data import ImageData
+from pyrovae.evaluation import PCA, elbo_per_example, evaluate, linear_probe, log_likelihood, reconstruction_error, test_elbo
+
+SHAPE = (1, 2, 3)  # D = 6
+NOISE = 0.5
+# orthogonal columns (one non-zero per row) so that W^T W, hence the posterior covariance, is diagonal
+WEIGHT = torch.tensor([[1.5, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, -0.8], [-1.0, 0.0], [0.0, 0.3]])
+BIAS = torch.tensor([0.2, -0.1, 0.0, 0.3, 0.1, -0.2])
+
+
+class LinearDecoder(nn.Module):
+    """z (B, L) -> W z + b as (B, *SHAPE); counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 6)
+        with torch.no_grad():
+            self.linear.weight.copy_(WEIGHT)
+            self.linear.bias.copy_(BIAS)
+        self.calls = 0
+
+    def forward(self, z):
+        self.calls += 1
+        return self.linear(z).unflatten(-1, SHAPE)
+
+
+class LinearGaussianEncoder(nn.Module):
+    """x -> (A (x - b) + shift, scale): the exact posterior for shift = 0 and widen = 1."""
+
+    def __init__(self, shift=0.0, widen=1.0):
+        super().__init__()
+        precision = torch.eye(2) + WEIGHT.T @ WEIGHT / NOISE**2
+        covariance = torch.linalg.inv(precision)
+        assert torch.allclose(covariance, torch.diag(torch.diagonal(covariance)))
+        self.register_buffer("matrix", covariance @ WEIGHT.T / NOISE**2)  # (L, D)
+        self.register_buffer("scale", torch.diagonal(covariance).sqrt() * widen)
+        self.shift = shift
+
+    def forward(self, x):
+        loc = (x.flatten(1) - BIAS) @ self.matrix.T + self.shift
+        return loc, self.scale.expand_as(loc)
+
+
+def linear_vae(shift=0.0, widen=1.0):
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="normal")
+    return VAE(config, encoder=LinearGaussianEncoder(shift, widen), decoder=LinearDecoder(), likelihood=NormalLikelihood(scale=NOISE)).eval()
+
+
+def exact_log_p(x):
+    covariance = WEIGHT @ WEIGHT.T + NOISE**2 * torch.eye(6)
+    return torch.distributions.MultivariateNormal(BIAS, covariance).log_prob(x.flatten(1))
+
+
+@pytest.fixture
+def observations():
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(16, 2, generator=generator)
+    x = z @ WEIGHT.T + BIAS + NOISE * torch.randn(16, 6, generator=generator)
+    return x.unflatten(1, SHAPE)
+
+
+def test_exact_posterior_gives_exact_log_likelihood_for_every_k(observations):
+    vae = linear_vae()
+    exact = exact_log_p(observations)
+    # the scale goes through softplus in NormalLikelihood, so allow float32 rounding
+    for k in (1, 7, 1000):
+        torch.manual_seed(k)
+        assert torch.allclose(log_likelihood(vae, observations, num_samples=k), exact, atol=1e-4), k
+
+
+def test_estimate_converges_to_exact_value_with_an_imperfect_posterior(observations):
+    vae = linear_vae(shift=0.2, widen=1.5)
+    exact = exact_log_p(observations)
+    torch.manual_seed(0)
+    error_1 = (log_likelihood(vae, observations, num_samples=1) - exact).abs().mean().item()
+    error_5000 = (log_likelihood(vae, observations, num_samples=5000) - exact).abs().mean().item()
+    assert error_5000 < 0.03  # Monte Carlo error about 0.01 nats here
+    assert error_5000 < error_1 / 20
+
+
+def test_log_likelihood_is_above_the_elbo_on_average(observations):
+    vae = linear_vae(shift=0.2, widen=1.5)
+    torch.manual_seed(0)
+    elbo = elbo_per_example(vae, observations.repeat(50, 1, 1, 1)).mean()
+    log_p = log_likelihood(vae, observations, num_samples=500).mean()
+    assert log_p > elbo + 0.3  # the gap is the mean KL(q || posterior), about 0.9 nats here
+    assert log_p <= exact_log_p(observations).mean() + 0.05
+
+
+def test_chunking_does_not_change_the_estimate(observations):
+    vae = linear_vae(shift=0.2, widen=1.5)
+    estimates, calls = [], []
+    for budget in (2**10, 2**14, 2**30):
+        torch.manual_seed(3)
+        vae.decoder.calls = 0
+        estimates.append(log_likelihood(vae, observations, num_samples=300, batch_size=4, max_memory_bytes=budget))
+        calls.append(vae.decoder.calls - 1)  # one call measures the decoder's memory
+    assert calls[0] > calls[1] > calls[2] == len(observations) // 4  # the budgets really chunk differently
+    assert torch.allclose(estimates[0], estimates[1], atol=1e-5, rtol=0)
+    assert torch.allclose(estimates[0], estimates[2], atol=1e-5, rtol=0)
+
+
+def test_log_likelihood_rejects_bad_arguments(observations):
+    vae = linear_vae()
+    with pytest.raises(ValueError, match="max_memory_bytes"):
+        log_likelihood(vae, observations, num_samples=10, max_memory_bytes=8)
+    with pytest.raises(ValueError, match="num_samples"):
+        log_likelihood(vae, observations, num_samples=0)
+    with pytest.raises(ValueError, match="shape"):
+        log_likelihood(vae, observations.flatten(1), num_samples=10)
+
+
+def test_elbo_is_unbiased_and_ignores_beta(observations):
+    vae = linear_vae()
+    many = observations[:2].repeat(4000, 1, 1, 1)  # (8000, ...) alternating the two images
+    torch.manual_seed(0)
+    elbo = elbo_per_example(vae, many).reshape(4000, 2).mean(0)
+    # with the exact posterior, the ELBO is log p(x) (the analytic KL only moves the noise around)
+    assert torch.allclose(elbo, exact_log_p(observations[:2]), atol=0.05)
+    vae.kl_weight = 5.0
+    torch.manual_seed(0)
+    assert torch.allclose(elbo_per_example(vae, many).reshape(4000, 2).mean(0), elbo)
+
+
+def test_test_elbo_reports_nats_and_bits_per_dimension(observations):
+    vae = linear_vae(shift=0.4)
+    torch.manual_seed(0)
+    per_example = elbo_per_example(vae, observations)
+    torch.manual_seed(0)
+    result = test_elbo(vae, observations)
+    assert result["elbo"] == pytest.approx(per_example.mean().item(), rel=1e-6)
+    assert result["bits_per_dim"] == pytest.approx(-result["elbo"] / (6 * math.log(2)), rel=1e-6)
+
+
+def test_elbo_without_closed_form_kl_uses_samples():
+    config = VAEConfig(network=NetworkConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)), prior="laplace")
+    vae = VAE(config).eval()
+    x = torch.rand(5, 1, 4, 4)
+    torch.manual_seed(0)
+    elbo = elbo_per_example(vae, x, batch_size=2)
+    assert elbo.shape == (5,) and torch.isfinite(elbo).all()
+    torch.manual_seed(0)
+    assert (log_likelihood(vae, x.repeat(40, 1, 1, 1), num_samples=200).reshape(40, 5).mean(0) > elbo_per_example(vae, x.repeat(40, 1, 1, 1)).reshape(40, 5).mean(0)).all()
+
+
+def test_reconstruction_error_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = AE(AEConfig(network=NetworkConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)))).eval()
+    x = torch.rand(7, 1, 4, 4)
+    result = reconstruction_error(model, x, batch_size=3)
+    with torch.no_grad():
+        recon = torch.sigmoid(model.decoder(model.encoder(x)))
+    mse = ((recon - x) ** 2).sum(dim=(1, 2, 3)).mean()
+    bce = -(x * recon.log() + (1 - x) * (1 - recon).log()).sum(dim=(1, 2, 3)).mean()
+    assert result["mse"] == pytest.approx(mse.item(), rel=1e-5)
+    assert result["bce"] == pytest.approx(bce.item(), rel=1e-5)
+
+
+def test_reconstruction_error_has_no_bce_outside_the_unit_interval():
+    x = torch.randn(20, 1, 2, 3)
+    result = reconstruction_error(PCA(6).fit(x), x)
+    assert result["bce"] is None
+    assert result["mse"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_linear_probe_separates_separable_codes():
+    generator = torch.Generator().manual_seed(0)
+    centres = 4 * torch.randn(4, 5, generator=generator)
+
+    def draw(n):
+        labels = torch.arange(n) % 4
+        return (centres[labels] + torch.randn(n, 5, generator=generator)).reshape(n, 1, 1, 5), labels
+
+    train_x, train_y = draw(400)
+    test_x, test_y = draw(200)
+    encode = lambda x: x.flatten(1)  # noqa: E731
+    assert linear_probe(encode, train_x, train_y, test_x, test_y) > 0.95
+    noise = torch.randn(600, 1, 1, 5, generator=generator)  # codes that say nothing about the label
+    assert linear_probe(encode, noise[:400], train_y, noise[400:], test_y) < 0.4  # chance is 0.25
+    with pytest.raises(ValueError, match="labels"):
+        linear_probe(encode, train_x, train_y[:10], test_x, test_y)
+
+
+def test_pca_reconstructs_data_in_its_subspace_exactly():
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(3, 12, generator=generator)
+    x = (torch.randn(50, 3, generator=generator) @ basis + torch.randn(12, generator=generator)).reshape(50, 1, 3, 4)
+    pca = PCA(3).fit(x)
+    codes = pca.encode(x)
+    assert codes.shape == (50, 3) and pca.latent_dim == 3 and pca.input_shape == (1, 3, 4)
+    assert torch.allclose(pca.components @ pca.components.T, torch.eye(3), atol=1e-5)
+    assert torch.allclose(pca.reconstruct(x), x, atol=1e-4)
+    assert torch.allclose(pca.decode(codes), x, atol=1e-4)
+    # with fewer components the error is the variance left out, and the first component explains the most
+    smaller = PCA(2).fit(x)
+    residual = (smaller.reconstruct(x) - x).square().sum() / (len(x) - 1)
+    assert residual.item() == pytest.approx(pca.explained_variance[2].item(), rel=1e-3)
+    assert (pca.explained_variance[:-1] >= pca.explained_variance[1:]).all()
+
+
+def test_pca_refuses_misuse():
+    with pytest.raises(ValueError, match="fit"):
+        PCA(2).encode(torch.zeros(3, 1, 2, 2))
+    with pytest.raises(ValueError, match="components"):
+        PCA(10).fit(torch.rand(5, 1, 2, 2))
+
+
+def _tiny_data():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(60, 1, 4, 4, generator=generator)
+    labels = (images.mean(dim=(1, 2, 3)) > 0.5).long()
+    return ImageData("tiny", images[:40], labels[:40], images[40:], labels[40:])
+
+
+def test_evaluate_reports_what_applies_to_each_model():
+    data = _tiny_data()
+    network = NetworkConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(network=network)).eval()
+    results = evaluate(vae, data, num_samples=20)
+    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "probe_accuracy"}
+    assert all(isinstance(v, float) for v in results.values())
+    assert results["nll"] < -results["elbo"] + 1.0  # the 20-sample bound is at least about as tight
+    assert "nll" not in evaluate(vae, data, num_samples=0)
+    for model in (AE(AEConfig(network=network)).eval(), PCA(3).fit(data.train)):
+        assert set(evaluate(model, data)) == {"mse", "bce", "probe_accuracy"}

@@ -1,0 +1,109 @@
+"""Each figure is a matplotlib Figure, is written as a non-empty PNG, and refuses what it cannot draw."""
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from conftest import tiny_network
+from pyrovae import AE, VAE, AEConfig, VAEConfig, plots
+from pyrovae.evaluation import PCA
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(figure, path):
+    assert isinstance(figure, Figure)
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    assert plt.get_fignums() == []  # nothing registered with pyplot, nothing left to close
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {
+        "vae": VAE(VAEConfig(network=tiny_network())).eval(),
+        "ae": AE(AEConfig(network=tiny_network())).eval(),
+    }
+
+
+def test_reconstructions(models, images, tmp_path):
+    figure = plots.reconstructions(models["vae"], images, n=6, path=tmp_path / "recon.png")
+    assert_png(figure, tmp_path / "recon.png")
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["input", "reconstruction"]
+
+
+def test_samples_need_a_model_that_samples(models, tmp_path):
+    assert_png(plots.samples(models["vae"], n=10, path=tmp_path / "samples.png"), tmp_path / "samples.png")
+    with pytest.raises(ValueError, match="sample"):
+        plots.samples(models["ae"])
+
+
+def test_interpolations_from_a_batch_or_from_pairs(models, images, tmp_path):
+    figure = plots.interpolations(models["ae"], images, steps=5, pairs=3, path=tmp_path / "a.png")
+    assert_png(figure, tmp_path / "a.png")
+    labels = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert labels[0] == "A" and labels[-1] == "B" and len(labels) == 7
+    assert figure.axes[0].get_images()[0].get_array().shape[0] == 3 * (28 + 2) + 2  # three rows of images
+    figure = plots.interpolations(models["vae"], (images[:2], images[2:4]), steps=4, path=tmp_path / "b.png")
+    assert_png(figure, tmp_path / "b.png")
+    with pytest.raises(ValueError, match="steps"):
+        plots.interpolations(models["vae"], images, steps=1)
+
+
+def test_latent_scatter_projects_long_codes(models, mnist, tmp_path):
+    x, labels = mnist.test[:200], mnist.test_labels[:200]
+    figure = plots.latent_scatter(models["vae"], x, labels, path=tmp_path / "latent.png")
+    assert_png(figure, tmp_path / "latent.png")
+    assert "principal component" in figure.axes[0].get_xlabel()
+    legend = figure.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [str(v) for v in sorted(set(labels.tolist()))]
+    with pytest.raises(ValueError, match="labels"):
+        plots.latent_scatter(models["vae"], x, labels[:10])
+
+
+def test_manifold_only_for_two_latent_dimensions(images, models, tmp_path):
+    vae2 = VAE(VAEConfig(network=tiny_network(latent_dim=2))).eval()
+    assert_png(plots.manifold(vae2, n=5, path=tmp_path / "manifold.png"), tmp_path / "manifold.png")
+    figure = plots.latent_scatter(vae2, images, torch.arange(16) % 3, path=tmp_path / "latent2.png")
+    assert figure.axes[0].get_xlabel() == "z₁"
+    with pytest.raises(ValueError, match="two-dimensional"):
+        plots.manifold(models["vae"])
+
+
+def test_training_curves(tmp_path):
+    history = [
+        {"phase": "pretrain-0", "epoch": 1, "train_loss": 90.0, "val_loss": None},
+        {"phase": "train", "epoch": 1, "train_loss": 200.0, "val_loss": 190.0, "best_val_loss": 190.0},
+        {"phase": "train", "epoch": 2, "train_loss": 150.0, "val_loss": None, "best_val_loss": 190.0},
+    ]
+    figure = plots.training_curves(history, path=tmp_path / "curves" / "loss.png")
+    assert_png(figure, tmp_path / "curves" / "loss.png")
+    ax = figure.axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["train loss", "val loss"]
+    assert list(lines[0].get_xdata()) == [1, 2] and list(lines[0].get_ydata()) == [200.0, 150.0]
+    assert "1 epoch of layer-wise pretraining" in ax.get_title()
+    assert len(plots.training_curves([{"train_loss": 3.0}, {"train_loss": 2.0}]).axes[0].get_lines()) == 1
+    with pytest.raises(ValueError, match="train_loss"):
+        plots.training_curves([{"epoch": 1, "seconds": 3.0}])
+
+
+def test_comparison_with_and_without_samples(models, mnist, tmp_path):
+    pca = PCA(8).fit(mnist.train)
+    figure = plots.comparison({**models, "pca": pca}, mnist.test, n=5, path=tmp_path / "compare.png")
+    assert_png(figure, tmp_path / "compare.png")
+    top, bottom = figure.axes
+    assert [t.get_text() for t in top.get_yticklabels()] == ["input", "vae", "ae", "pca"]
+    assert [t.get_text() for t in bottom.get_yticklabels()] == ["vae"]  # only the VAE samples
+    assert len(plots.comparison({"pca": pca}, mnist.test, n=3).axes) == 1
+
+
+def test_colour_images(tmp_path):
+    pca = PCA(4).fit(torch.rand(30, 3, 8, 8))
+    figure = plots.reconstructions(pca, torch.rand(4, 3, 8, 8), path=tmp_path / "rgb.png")
+    assert_png(figure, tmp_path / "rgb.png")
+    assert figure.axes[0].get_images()[0].get_array().shape[-1] == 3  # drawn in colour, not through a colormap
+    with pytest.raises(ValueError, match="channels"):
+        plots.reconstructions(pca, torch.rand(4, 2, 8, 8))
