@@ -42,8 +42,11 @@ class AutoencoderMixin:
         return next(self.parameters()).device
 
     def check_input(self, x: Tensor) -> None:
-        """Raise :class:`ValueError` unless ``x`` is a finite float batch ``(B, C, H, W)`` in the support."""
+        """Raise :class:`ValueError` unless ``x`` is a finite batch ``(B, C, H, W)`` in the support, of the model's dtype."""
         check_observations(x, self.input_shape, self.support)
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            raise ValueError(f"the images are {x.dtype} but the model computes in {dtype}: convert them with x.to({dtype})")
 
     def encode(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``(B, C, H, W) -> (B, L)``."""

@@ -24,6 +24,7 @@ Train it with any Pyro ELBO, inside your own loop::
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pyro
@@ -71,6 +72,22 @@ def _own_value(name, value, constraint=None, event_dim=None):
 
 
 _param_site = effectful(_own_value, type="param")
+# module -> (prefix, [(site name, parameter)]): walking the module tree on every step costs more
+# than the rest of declare_parameters; a memo, not state (entries vanish with their modules)
+_SITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _parameter_sites(module: nn.Module, prefix: str) -> list:
+    """``[(prefix.name, parameter)]`` of ``module``, without the parameters of PyroModules inside it."""
+    sites = []
+    for module_name, submodule in module.named_modules(prefix=prefix):
+        if isinstance(submodule, PyroModule):
+            continue
+        for name, param in submodule.named_parameters(prefix=module_name, recurse=False):
+            if not hasattr(param, "unconstrained"):  # what SVI reads back; identity for real params
+                param.unconstrained = weakref.ref(param)
+            sites.append((name, param))
+    return sites
 
 
 def declare_parameters(module: nn.Module, prefix: str) -> None:
@@ -79,16 +96,23 @@ def declare_parameters(module: nn.Module, prefix: str) -> None:
     The value of each site is the module's own tensor: ``SVI`` with a ``pyro.optim`` optimizer
     finds and updates them, while nothing enters Pyro's global param store, so two models
     never share parameters by name. PyroModules declare their own parameters and are skipped.
+    The list of parameters is gathered on the first call for each module; a parameter
+    added to it later, inside, goes undeclared (assign a new module instead).
     """
     if not isinstance(module, nn.Module):
         return
-    for module_name, submodule in module.named_modules(prefix=prefix):
-        if isinstance(submodule, PyroModule):
-            continue
-        for name, param in submodule.named_parameters(prefix=module_name, recurse=False):
-            if not hasattr(param, "unconstrained"):  # what SVI reads back; identity for real params
-                param.unconstrained = weakref.ref(param)
-            _param_site(name, param, constraint=constraints.real, event_dim=None, name=name)
+    cached = _SITES.get(module)
+    if cached is None or cached[0] != prefix:
+        cached = _SITES[module] = (prefix, _parameter_sites(module, prefix))
+    for name, param in cached[1]:
+        _param_site(name, param, constraint=constraints.real, event_dim=None, name=name)
+
+
+def _scaled(scale: float):
+    """``poutine.scale(scale)``; nothing for 1; a mask for 0 (Pyro's scale must be positive)."""
+    if scale == 1:
+        return nullcontext()
+    return poutine.mask(mask=False) if scale == 0 else poutine.scale(scale=scale)
 
 
 class VAE(AutoencoderMixin, PyroModule):
@@ -127,10 +151,6 @@ class VAE(AutoencoderMixin, PyroModule):
                 f"{tuple(d.batch_shape)} and {tuple(d.event_shape)}; use .to_event(3) on a per-pixel distribution"
             )
 
-    def _kl_scale(self):
-        """Scale the latent site by ``kl_weight``; a weight of 0 masks it (Pyro's scale must be positive)."""
-        return poutine.mask(mask=False) if self.kl_weight == 0 else poutine.scale(scale=self.kl_weight)
-
     def model(self, x: Tensor, num_data: int | None = None) -> None:
         """p(x, z) = p(z) p(x|z) for ``x: (B, C, H, W)``; the batch stands for ``num_data`` images."""
         if is_validation_enabled():
@@ -139,8 +159,8 @@ class VAE(AutoencoderMixin, PyroModule):
         declare_parameters(self.likelihood, "likelihood")
         declare_parameters(self.prior, "prior")
         batch_size = x.shape[0]
-        with pyro.plate("data", batch_size, device=x.device), poutine.scale(scale=(num_data or batch_size) / batch_size):
-            with self._kl_scale():
+        with pyro.plate("data", batch_size, device=x.device), _scaled((num_data or batch_size) / batch_size):
+            with _scaled(self.kl_weight):
                 z = pyro.sample("z", self.prior())  # (B, L)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
@@ -150,9 +170,9 @@ class VAE(AutoencoderMixin, PyroModule):
             self.check_input(x)
         declare_parameters(self.encoder, "encoder")
         batch_size = x.shape[0]
-        with pyro.plate("data", batch_size, device=x.device), poutine.scale(scale=(num_data or batch_size) / batch_size):
+        with pyro.plate("data", batch_size, device=x.device), _scaled((num_data or batch_size) / batch_size):
             loc, scale = self.encoder(x)  # (B, L) each
-            with self._kl_scale():
+            with _scaled(self.kl_weight):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def encode(self, x: Tensor) -> Tensor:

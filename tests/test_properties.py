@@ -1,0 +1,161 @@
+"""Property-based tests: random shapes, dtypes and values fed to the public functions.
+
+Each call must either succeed or raise the library's clear errors (``ValueError`` and its
+subclasses) -- never a crash from deep inside torch or Pyro.
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyro.infer import Trace_ELBO
+
+from pyrovae import VAE, AEConfig, NetworkConfig, VAEConfig, build_model, resolve_device
+from pyrovae.data import batches
+from pyrovae.likelihoods import LIKELIHOODS, check_observations, make_likelihood
+from pyrovae.models import MODELS
+from pyrovae.priors import PRIORS, make_prior
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SHAPE = (1, 4, 4)
+NETWORK = NetworkConfig(input_shape=SHAPE, hidden=(8,), latent_dim=2)
+
+dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
+special = st.sampled_from([0.0, 1.0, 0.5, -1.0, 2.0, math.nan, math.inf, -math.inf, 1e30, -1e-30])
+
+
+@st.composite
+def image_batches(draw):
+    """Tensors of random rank, sizes, dtype and values, most of them close to a valid batch."""
+    rank = draw(st.integers(1, 5))
+    shape = draw(st.lists(st.integers(0, 5), min_size=rank, max_size=rank))
+    if draw(st.booleans()):
+        shape = [draw(st.integers(0, 4)), *SHAPE]
+    values = torch.rand(shape, dtype=torch.float64)
+    if values.numel() and draw(st.booleans()):
+        values.view(-1)[draw(st.integers(0, values.numel() - 1))] = draw(special)
+    if draw(st.booleans()):
+        values = (values > 0.5).double()
+    dtype = draw(dtypes)
+    if not dtype.is_floating_point and dtype != torch.bool:
+        values = values.nan_to_num(0.0, 0.0, 0.0).clamp(0, 1)
+    return values.to(dtype)
+
+
+def _valid_for(x, support, dtype=None) -> bool:
+    """Whether ``x`` is a batch of images that a model (computing in ``dtype``) must accept."""
+    return (
+        (dtype is None or x.dtype == dtype)
+        and tuple(x.shape[1:]) == SHAPE
+        and x.shape[0] > 0
+        and x.is_floating_point()
+        and bool(torch.isfinite(x).all())
+        and bool(support.check(x).all())
+    )
+
+
+@SETTINGS
+@given(x=image_batches(), likelihood=st.sampled_from(sorted(LIKELIHOODS)))
+def test_check_observations_accepts_exactly_the_valid_batches(x, likelihood):
+    support = make_likelihood(likelihood).support
+    if _valid_for(x, support):
+        check_observations(x, SHAPE, support)
+    else:
+        with pytest.raises(ValueError):
+            check_observations(x, SHAPE, support)
+
+
+@SETTINGS
+@given(x=image_batches(), prior=st.sampled_from(sorted(PRIORS)), likelihood=st.sampled_from(sorted(LIKELIHOODS)))
+def test_the_vae_loss_is_finite_or_a_clear_error(x, prior, likelihood):
+    vae = VAE(VAEConfig(network=NETWORK, prior=prior, likelihood=likelihood))
+    try:
+        loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    except ValueError:
+        assert not _valid_for(x, vae.support, torch.float32)
+        return
+    assert _valid_for(x, vae.support, torch.float32)
+    assert torch.isfinite(loss)
+
+
+@SETTINGS
+@given(x=image_batches(), name=st.sampled_from(["ae", "sparse", "stacked", "denoising"]), loss=st.sampled_from(["bce", "mse"]))
+def test_autoencoder_losses_are_finite_or_a_clear_error(x, name, loss):
+    model = build_model(name, MODELS[name][1](network=NETWORK, loss=loss))
+    try:
+        value = model.loss(x)
+    except ValueError:
+        assert not _valid_for(x, model.support, torch.float32)
+        return
+    assert _valid_for(x, model.support, torch.float32)
+    assert torch.isfinite(value)
+
+
+@SETTINGS
+@given(
+    input_shape=st.lists(st.integers(-2, 6), min_size=0, max_size=4),
+    latent_dim=st.one_of(st.integers(-3, 6), st.floats(allow_nan=True), st.none()),
+    hidden=st.lists(st.integers(-2, 8), max_size=3),
+    conv=st.booleans(),
+    activation=st.sampled_from(["relu", "tanh", "nope", ""]),
+)
+def test_network_configs_build_or_fail_clearly(input_shape, latent_dim, hidden, conv, activation):
+    try:
+        config = NetworkConfig(input_shape=tuple(input_shape), latent_dim=latent_dim, hidden=tuple(hidden), conv=conv, activation=activation)
+    except ValueError:
+        return
+    x = torch.rand(3, *config.input_shape)
+    for name in ["vae", "ae"]:
+        model = build_model(name, VAEConfig(network=config) if name == "vae" else AEConfig(network=config))
+        assert model.reconstruct(x).shape == x.shape
+
+
+@SETTINGS
+@given(name=st.one_of(st.text(max_size=12), st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:x", "CPU", " cpu ", "tpu"])))
+def test_device_names_resolve_or_fail_clearly(name):
+    try:
+        device = resolve_device(name)
+    except ValueError as error:
+        assert str(error)
+        return
+    assert device.type in ("cpu", "cuda")
+
+
+@SETTINGS
+@given(n=st.integers(0, 50), batch_size=st.integers(-3, 60), seed=st.integers(0, 2**31))
+def test_batches_cover_every_image_once_or_fail_clearly(n, batch_size, seed):
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    try:
+        seen = torch.cat(list(batches(x, batch_size, torch.Generator().manual_seed(seed))))
+    except ValueError:
+        assert n == 0 or batch_size <= 0
+        return
+    assert sorted(seen.flatten().tolist()) == list(range(n))
+
+
+@SETTINGS
+@given(latent_dim=st.integers(1, 5), name=st.sampled_from(sorted(PRIORS)), n=st.integers(1, 4))
+def test_every_prior_samples_and_scores_its_event_shape(latent_dim, name, n):
+    prior = make_prior(name, latent_dim)()
+    z = prior.sample((n,))
+    assert z.shape == (n, latent_dim)
+    assert torch.isfinite(prior.log_prob(z)).all()
+
+
+@SETTINGS
+@given(steps=st.integers(-2, 6), n=st.integers(-2, 4))
+def test_vae_sampling_and_interpolation_arguments(steps, n):
+    vae = VAE(VAEConfig(network=NETWORK))
+    x = torch.rand(2, *SHAPE)
+    with pyro.validation_enabled(True):
+        try:
+            assert vae.sample(n).shape == (n, *SHAPE)
+        except ValueError:
+            assert n <= 0
+        try:
+            assert vae.interpolate(x[0], x[1], steps).shape == (steps, *SHAPE)
+        except ValueError:
+            assert steps < 2
