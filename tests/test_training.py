@@ -1,0 +1,406 @@
+"""The Trainer: every model and ELBO trains; runs resume bit for bit; failures are clear and safe."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from conftest import tiny_network
+from pyrovae.checkpoints import load_checkpoint
+from pyrovae.models import (
+    AE, VAE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, VAEConfig,
+    config_from_dict, config_to_dict,
+)
+from pyrovae.training import HISTORY_COLUMNS, Trainer, TrainingConfig, TrainingError, load_model
+
+BATCH = 32  # 128 images: 4 steps per epoch
+
+
+@pytest.fixture
+def train(mnist):
+    return mnist.train[:128]
+
+
+@pytest.fixture
+def val(mnist):
+    return mnist.test[:64]
+
+
+def config(**changes) -> TrainingConfig:
+    return TrainingConfig(**{"epochs": 3, "batch_size": BATCH, "progress": False, **changes})
+
+
+def vae(cls=VAE):
+    torch.manual_seed(0)  # every run of a test starts from the same weights
+    return cls(VAEConfig(network=tiny_network()))
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+class SignalsAt:
+    """Mixin: send ``sig`` to this process during the ``at``-th training step (a call with gradients on)."""
+
+    def arm(self, at: int, sig=signal.SIGINT):
+        self.at, self.sig, self.calls = at, sig, 0
+        return self
+
+    def _count(self):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                os.kill(os.getpid(), self.sig)
+
+
+class SignallingVAE(SignalsAt, VAE):
+    def guide(self, x, num_data=None):
+        self._count()
+        return super().guide(x, num_data)
+
+
+class SignallingStackedAE(SignalsAt, StackedAE):
+    def loss(self, x):
+        self._count()
+        return super().loss(x)
+
+
+# ---------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"batch_size": 0}, {"batch_size": -4}, {"epochs": -1}, {"epochs": 1.5}, {"lr": 0.0}, {"lr": float("nan")},
+        {"optimizer": "adamm"}, {"optimizer": "lbfgs"}, {"elbo": "renyi"}, {"lr_schedule": "linear"},
+        {"lr_step_epochs": 0}, {"num_particles": 0}, {"grad_clip": 0.0}, {"kl_warmup_epochs": -1},
+        {"early_stopping_patience": 0}, {"seed": "zero"},
+    ],
+)
+def test_bad_config_values_raise(changes):
+    with pytest.raises(ValueError, match=next(iter(changes))):
+        TrainingConfig(**changes)
+
+
+def test_optimizer_names_are_case_insensitive():
+    assert TrainingConfig(optimizer="AdamW").optimizer == "adamw"
+    assert TrainingConfig(optimizer="SGD").optimizer == "sgd"
+
+
+def test_a_trainer_refuses_models_it_cannot_train_or_name():
+    with pytest.raises(ValueError, match="nothing to train"):
+        Trainer(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="is for models with config class AEConfig"):
+        Trainer(StackedAE(StackedAEConfig(network=tiny_network())), model_name="ae")
+    with pytest.raises(ValueError, match="pass model_name"):
+        Trainer(vae(SignallingVAE), out_dir="unused")
+
+
+# ---------------------------------------------------------------------- every model and ELBO trains
+
+
+@pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("iwae", 3), ("trace", 2)])
+def test_every_elbo_trains_the_vae(train, val, elbo, particles):
+    history = Trainer(vae(), config(elbo=elbo, num_particles=particles, lr=3e-3)).fit(train, val=val)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 50  # nats per image
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 50
+    assert all(row["kl_weight"] == 1.0 for row in history)
+
+
+DETERMINISTIC = {
+    "ae": lambda: AE(AEConfig(network=tiny_network())),
+    "sparse": lambda: SparseAE(SparseAEConfig(network=tiny_network())),
+    "denoising": lambda: DenoisingAE(DenoisingAEConfig(network=tiny_network())),
+    "stacked": lambda: StackedAE(StackedAEConfig(network=tiny_network(), pretrain_epochs=1)),
+}
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_models_train_through_the_same_trainer(train, val, name):
+    history = Trainer(DETERMINISTIC[name](), config(optimizer="AdamW", lr=3e-3)).fit(train, val=val)
+    end_to_end = [row for row in history if row["phase"] == "train"]
+    assert len(end_to_end) == 3
+    assert end_to_end[-1]["train_loss"] < end_to_end[0]["train_loss"] - 20
+    assert end_to_end[-1]["val_loss"] < end_to_end[0]["val_loss"]
+    assert all(row["kl_weight"] is None for row in history)
+
+
+def test_stacked_pretraining_touches_only_the_active_layer(train):
+    class Recording(StackedAE):
+        def loss(self, x):
+            if torch.is_grad_enabled() and (not self.snapshots or self.snapshots[-1][0] != self.active_layer):
+                self.snapshots.append((self.active_layer, {k: v.clone() for k, v in self.state_dict().items()}))
+            return super().loss(x)
+
+    model = Recording(StackedAEConfig(network=tiny_network(hidden=(32,)), pretrain_epochs=2))
+    model.snapshots = []
+    history = Trainer(model, config(epochs=1)).fit(train)
+    assert [(row["phase"], row["epoch"]) for row in history] == [("pretrain-0", 1), ("pretrain-0", 2), ("pretrain-1", 1), ("pretrain-1", 2), ("train", 1)]
+    assert [layer for layer, _ in model.snapshots] == [0, 1, None]
+    assert model.active_layer is None
+    states = [state for _, state in model.snapshots] + [model.state_dict()]
+
+    def changed(before, after):
+        return {name.rsplit(".", 1)[0] for name in before if not torch.equal(before[name], after[name])}
+
+    assert changed(states[0], states[1]) == {"encoder.layers.0", "decoder.layers.1"}
+    assert changed(states[1], states[2]) == {"encoder.layers.1", "decoder.layers.0"}
+    assert changed(states[2], states[3]) == {"encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"}
+
+
+def test_kl_warmup_rises_linearly_per_step_to_beta(train):
+    class Recording(VAE):
+        def guide(self, x, num_data=None):
+            if torch.is_grad_enabled():
+                self.weights.append(self.kl_weight)
+            return super().guide(x, num_data)
+
+    model = Recording(VAEConfig(network=tiny_network(), beta=0.5))
+    model.weights = []
+    history = Trainer(model, config(kl_warmup_epochs=2)).fit(train)
+    assert model.weights == pytest.approx([0.5 * i / 8 for i in range(8)] + [0.5] * 4)
+    assert [row["kl_weight"] for row in history] == pytest.approx([0.5 * 3 / 8, 0.5 * 7 / 8, 0.5])
+    assert model.kl_weight == 0.5
+    with pytest.raises(ValueError, match="kl_weight"):
+        Trainer(AE(AEConfig(network=tiny_network())), config(kl_warmup_epochs=1))
+
+
+# ---------------------------------------------------------------------- run folder
+
+
+def test_run_folder_holds_config_metrics_and_checkpoint(tmp_path, train, val):
+    model = vae()
+    training = config(epochs=2, lr_schedule="step", lr_step_epochs=1)
+    history = Trainer(model, training, out_dir=tmp_path / "run").fit(train, val=val)
+    folder = tmp_path / "run"
+
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_name"] == "vae"
+    assert config_from_dict("vae", saved["model_config"]) == model.config
+    assert saved["training_config"] == json.loads(json.dumps(dataclasses.asdict(training)))
+
+    assert json.loads((folder / "metrics.json").read_text()) == history
+    with open(folder / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == list(HISTORY_COLUMNS)
+    assert [float(row["train_loss"]) for row in rows] == [row["train_loss"] for row in history]
+    assert [row["lr"] for row in history] == [1e-3, 5e-4]
+
+    state = load_checkpoint(folder / "checkpoint.pt")
+    assert state["position"]["done"] and state["history"] == history
+    assert state["model_config"] == config_to_dict(model.config)
+    loaded, _ = load_model(folder)
+    assert_same_weights(loaded, model)
+
+
+def test_bad_data_fails_before_training_or_writing(tmp_path, train, val):
+    folder = tmp_path / "run"
+    with pytest.raises(ValueError, match="larger than the training set"):
+        Trainer(vae(), config(batch_size=129), out_dir=folder).fit(train)
+    with pytest.raises(ValueError, match="support"):
+        Trainer(vae(), config(), out_dir=folder).fit(train * 2)
+    with pytest.raises(ValueError, match="shape"):
+        Trainer(vae(), config(), out_dir=folder).fit(train, val=val[:, :, :14])
+    with pytest.raises(ValueError, match="needs|watches"):
+        Trainer(vae(), config(early_stopping_patience=2), out_dir=folder).fit(train)
+    with pytest.raises(ValueError, match="dynamic binarization"):
+        Trainer(AE(AEConfig(network=tiny_network(), loss="mse")), config(), out_dir=folder).fit(train * 2, dynamic_binarization=True)
+    assert not folder.exists()
+
+
+def test_early_stopping_stops_when_validation_stops_improving(train, val):
+    class Worsening(AE):  # the validation loss grows by 1000 per training step taken
+        steps = 0
+
+        def loss(self, x):
+            if self.training:
+                self.steps += 1
+                return super().loss(x)
+            return super().loss(x) + 1000.0 * self.steps
+
+    history = Trainer(Worsening(AEConfig(network=tiny_network())), config(epochs=10, early_stopping_patience=2)).fit(train, val=val)
+    assert len(history) == 3
+    assert [row["stopped_early"] for row in history] == [False, False, True]
+    assert history[-1]["best_epoch"] == 1 and history[-1]["best_val_loss"] == history[0]["val_loss"]
+
+
+# ---------------------------------------------------------------------- non-finite losses
+
+
+class NaNAt(AE):
+    """An AE whose loss is NaN at the training calls in ``bad``."""
+
+    def __init__(self, config, bad):
+        super().__init__(config)
+        self.bad, self.calls = set(bad), 0
+
+    def loss(self, x):
+        loss = super().loss(x)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls in self.bad:
+                return loss * math.nan
+        return loss
+
+
+def test_nonfinite_loss_names_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path, train):
+    folder = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"nan at epoch 2, step 2 of 4") as error:
+        Trainer(NaNAt(AEConfig(network=tiny_network()), bad={6}), config(), out_dir=folder, model_name="ae").fit(train)
+    assert str(folder / "checkpoint.pt") in str(error.value)
+    model, state = load_model(folder)
+    assert [row["epoch"] for row in state["history"]] == [1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(json.loads((folder / "metrics.json").read_text())) == 1
+
+
+def test_skip_nonfinite_skips_and_counts(train):
+    model = NaNAt(AEConfig(network=tiny_network()), bad={6, 7, 12})
+    history = Trainer(model, config(skip_nonfinite=True)).fit(train)
+    assert [row["skipped_steps"] for row in history] == [0, 2, 1]
+    assert all(math.isfinite(row["train_loss"]) for row in history)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- resume, interrupts
+
+
+def test_resume_after_an_epoch_boundary_is_bitwise(tmp_path, train, val):
+    reference = vae()
+    expected = Trainer(reference, config(), out_dir=tmp_path / "a").fit(train, val=val)
+
+    before = signal.getsignal(signal.SIGINT)
+    model = vae(SignallingVAE).arm(at=8)  # the last step of epoch 2
+    with pytest.raises(KeyboardInterrupt, match="SIGINT before train epoch 3"):
+        Trainer(model, config(), out_dir=tmp_path / "b", model_name="vae").fit(train, val=val)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["position"]["epoch"] == 2
+
+    resumed = Trainer.resume(tmp_path / "b", device="cpu")
+    history = resumed.fit(train, val=val)
+    assert_same_weights(resumed.model, reference)
+    assert without_seconds(history) == without_seconds(expected)
+
+
+def test_mid_epoch_interrupt_and_resume_is_bitwise(tmp_path, train, val):
+    """IWAE (vectorized particles), dynamic binarization, KL warm-up, clipping, a schedule: the same bits."""
+    training = config(elbo="iwae", num_particles=2, kl_warmup_epochs=1, grad_clip=50.0, lr_schedule="cosine")
+    reference = vae()
+    expected = Trainer(reference, training).fit(train, val=val, dynamic_binarization=True)
+
+    model = vae(SignallingVAE).arm(at=6, sig=signal.SIGTERM)  # epoch 2, step 2
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 2 of train epoch 2"):
+        Trainer(model, training, out_dir=tmp_path / "run", model_name="vae").fit(train, val=val, dynamic_binarization=True)
+    assert signal.getsignal(signal.SIGTERM) is before
+    position = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["position"]
+    assert (position["epoch"], position["step"]) == (1, 2)
+
+    resumed = Trainer.resume(tmp_path / "run", device="cpu")
+    with pytest.raises(ValueError, match="dynamic_binarization=True"):
+        resumed.fit(train, val=val)
+    with pytest.raises(ValueError, match="128 images"):
+        resumed.fit(train[:100], val=val, dynamic_binarization=True)
+    history = resumed.fit(train, val=val, dynamic_binarization=True)
+    assert_same_weights(resumed.model, reference)
+    assert without_seconds(history) == without_seconds(expected)
+
+
+def test_fit_in_another_thread_leaves_signals_alone(train):
+    before = signal.getsignal(signal.SIGINT)
+    seen, errors = [], []
+
+    class Watching(AE):
+        def loss(self, x):
+            seen.append(signal.getsignal(signal.SIGINT))
+            return super().loss(x)
+
+    def run():
+        try:
+            Trainer(Watching(AEConfig(network=tiny_network())), config(epochs=1)).fit(train)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert not errors and seen and all(handler is before for handler in seen)
+
+
+def test_interrupted_fit_continues_in_memory(train):
+    """Without a run folder, fit again continues the interrupted run (here in a pretraining phase)."""
+    def stacked(cls=StackedAE):
+        torch.manual_seed(0)
+        return cls(StackedAEConfig(network=tiny_network(hidden=(32,)), pretrain_epochs=1))
+
+    reference = stacked()
+    expected = Trainer(reference, config(epochs=2, optimizer="rmsprop", lr=1e-3)).fit(train)
+    model = stacked(SignallingStackedAE).arm(at=6)  # pretrain-1, step 2
+    trainer = Trainer(model, config(epochs=2, optimizer="rmsprop", lr=1e-3))
+    with pytest.raises(KeyboardInterrupt, match="step 2 of pretrain-1 epoch 1"):
+        trainer.fit(train)
+    assert model.active_layer is None
+    torch.manual_seed(123)  # whatever happens in between does not matter
+    history = trainer.fit(train)
+    assert_same_weights(model, reference)
+    assert without_seconds(history) == without_seconds(expected)
+
+
+def test_each_fit_is_a_new_run_but_a_finished_resume_is_not(tmp_path, train):
+    model = vae()
+    trainer = Trainer(model, config(epochs=1), out_dir=tmp_path / "run")
+    first = trainer.fit(train)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    second = trainer.fit(train)
+    assert len(first) == len(second) == 1
+    assert not torch.equal(weights["encoder.layers.0.weight"], model.state_dict()["encoder.layers.0.weight"])
+
+    resumed = Trainer.resume(tmp_path / "run", device="cpu")
+    assert resumed.fit(train) == second
+    assert_same_weights(resumed.model, model)
+
+
+def test_data_is_checked_again_only_when_it_changed(train):
+    class Counting(VAE):
+        checks = 0
+
+        def check_input(self, x):
+            self.checks += 1
+            super().check_input(x)
+
+    model = vae(Counting)
+    trainer = Trainer(model, config(epochs=1))
+    data = train.clone()
+    trainer.fit(data)
+    trainer.fit(data)  # the same, unchanged tensor: not checked again
+    assert model.checks == 1
+    data.mul_(2)  # changed in place: checked again
+    with pytest.raises(ValueError, match="support"):
+        trainer.fit(data)
+    with pytest.raises(ValueError, match="support"):
+        trainer.fit(train * 2)
+    assert model.checks == 3
+
+
+def test_zero_epochs_writes_a_loadable_run_of_the_untrained_model(tmp_path, train):
+    model = vae()
+    assert Trainer(model, config(epochs=0), out_dir=tmp_path).fit(train) == []
+    loaded, state = load_model(tmp_path)
+    assert_same_weights(loaded, model)
+    assert state["position"]["done"] and state["optimizer_state"] is None
