@@ -230,6 +230,8 @@ class Trainer:
     out_dir:    run folder to write (see the module docs); ``None`` writes nothing.
     model_name: the :data:`pyrovae.models.MODELS` name the run folder records, so that
                 :func:`load_model` can rebuild the model; found from the model's class when omitted.
+    metadata:   JSON-ready facts about the run that ``config.json`` keeps beside the configs
+                (the command line stores how it loaded the data there).
 
     Phases: a model with ``pretrain_layers > 0`` (the stacked AE) first trains each layer ``k``
     alone (``model.active_layer = k``) for ``model.config.pretrain_epochs`` epochs, each with a
@@ -242,7 +244,7 @@ class Trainer:
     loaded by :meth:`resume`): then ``fit`` continues it. The model stays on its device.
     """
 
-    def __init__(self, model, config: TrainingConfig = TrainingConfig(), out_dir=None, model_name: str | None = None):
+    def __init__(self, model, config: TrainingConfig = TrainingConfig(), out_dir=None, model_name: str | None = None, metadata: dict | None = None):
         if not isinstance(config, TrainingConfig):
             raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
         self.svi = callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))
@@ -264,6 +266,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.model_name = model_name
+        self.metadata = dict(metadata or {})
         self.history: list[dict] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
@@ -379,6 +382,7 @@ class Trainer:
                 "model_name": self.model_name,
                 "model_config": config_to_dict(self.model.config),
                 "training_config": dataclasses.asdict(self.config),
+                "metadata": self.metadata,
             }
             write_text_atomic(self.out_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
             self._write_files()
