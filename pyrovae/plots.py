@@ -51,7 +51,7 @@ def _finish(figure: Figure, path: str | os.PathLike | None) -> Figure:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png")
+        figure.savefig(path, format="png", bbox_inches="tight")  # long row labels stay whole
     return figure
 
 
@@ -268,7 +268,7 @@ def training_curves(history: list[dict], path=None) -> Figure:
         ax.plot(epochs, values, marker=marker, markersize=4, label=key.replace("_", " "))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss per example")
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     skipped = len(history) - len(rows)
