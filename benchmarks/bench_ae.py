@@ -38,10 +38,8 @@ def reference_ae_runner(settings: Settings, x: torch.Tensor, batch_size: int = 2
 def bench_ae(settings: Settings, epochs: int | None = None, subset: int | None = None, batch_size: int = 256, lr: float = 1e-3, data=None) -> dict:
     """Epoch times of pyrovae's AE and the plain loop; a dict of figures (``ratio_reference`` is the target's)."""
     epochs = epochs or (3 if settings.quick else 5)
-    if subset is None and settings.quick:
-        subset = 20_000
     if data is None:
-        data = load_mnist(settings, subset=subset)
+        data = load_mnist(settings, subset=subset, quick_subset=20_000)
     x = data.train
     n = len(x)
     contenders = {"pyrovae": pyrovae_ae_runner(settings, x, batch_size, lr), "reference": reference_ae_runner(settings, x, batch_size, lr)}

@@ -47,10 +47,8 @@ def bench_scaling(settings: Settings, batch_sizes=None, widths=None, subset: int
     batch_sizes = tuple(batch_sizes or ((64, 256, 1024) if settings.quick else (64, 128, 256, 512, 1024)))
     widths = tuple(widths or ((200, 400, 800) if settings.quick else (100, 200, 400, 800, 1600)))
     epochs = epochs or (2 if settings.quick else 3)
-    if subset is None and settings.quick:
-        subset = 10_000
     if data is None:
-        data = load_mnist(settings, subset=subset)
+        data = load_mnist(settings, subset=subset, quick_subset=10_000)
     x = data.train
     points = {(b, 400) for b in batch_sizes} | {(256, w) for w in widths}
     rows = [_point(settings, x, b, w, epochs) for b, w in sorted(points)]

@@ -150,10 +150,8 @@ def bench_svi(
     ``subset`` images of MNIST's training set (default 20,000 quick, all 60,000 full).
     """
     epochs = epochs or (3 if settings.quick else 5)
-    if subset is None and settings.quick:
-        subset = 20_000
     if data is None:
-        data = load_mnist(settings, subset=subset)
+        data = load_mnist(settings, subset=subset, quick_subset=20_000)
     x = data.train
     n = len(x)
     result: dict = {"images": n, "batch_size": batch_size, "epochs_timed": epochs, "device": str(settings.device)}

@@ -139,12 +139,15 @@ class Settings:
 _MNIST: dict[tuple, object] = {}
 
 
-def load_mnist(settings: Settings, subset: int | None = None):
+def load_mnist(settings: Settings, subset: int | None = None, quick_subset: int | None = None):
     """MNIST as pyrovae loads it (grey levels in [0, 1], training set shuffled with the seed) on the device.
 
     Read once per process; ``subset`` slices the first images of each split, which is exactly what
-    ``load_dataset(subset=...)`` returns (it shuffles before it cuts).
+    ``load_dataset(subset=...)`` returns (it shuffles before it cuts). In quick mode ``quick_subset``
+    stands in for a ``subset`` that was not given.
     """
+    if subset is None and settings.quick:
+        subset = quick_subset
     import dataclasses
 
     from pyrovae.data import load_dataset
