@@ -41,6 +41,23 @@ def test_bernoulli_log_prob_is_minus_bce_on_grey_levels_and_stable():
     assert torch.isfinite(log_p).all()  # log(sigmoid(-200)) would be -inf
 
 
+def test_bernoulli_gradient_is_that_of_the_bce():
+    logits = (4 * torch.randn(3, *SHAPE)).requires_grad_()
+    x = torch.rand(3, *SHAPE)
+    (grad,) = torch.autograd.grad(BernoulliLikelihood()(logits).log_prob(x).sum(), logits)
+    torch.testing.assert_close(grad, x - torch.sigmoid(logits.detach()))
+
+
+def test_bernoulli_keeps_its_log_prob_when_expanded_or_broadcast():
+    d = BernoulliLikelihood()(torch.randn(1, *SHAPE))
+    expanded = d.expand((2, 3))  # what a plate does to a distribution with a smaller batch
+    assert type(expanded) is type(d) and expanded.batch_shape == (2, 3)
+    x = torch.rand(2, 3, *SHAPE)
+    expected = -F.binary_cross_entropy_with_logits(expanded.base_dist.logits, x, reduction="none").sum((2, 3, 4))
+    torch.testing.assert_close(expanded.log_prob(x), expected)
+    torch.testing.assert_close(d.log_prob(x), expected)  # logits (1, ...) broadcast against x (2, 3, ...)
+
+
 def test_bernoulli_mean_is_sigmoid_of_logits():
     logits = torch.randn(2, *SHAPE)
     torch.testing.assert_close(BernoulliLikelihood()(logits).mean, torch.sigmoid(logits))
