@@ -72,6 +72,15 @@ class NetworkConfig:
             raise ValueError(f"conv networks are built for images of shape {CONV_SHAPES}, got {shape}; use the MLP")
 
 
+def _run_layers(layers: nn.ModuleList, activation: nn.Module, h: Tensor) -> Tensor:
+    """``layers`` in order with ``activation`` after each but the last (unpacked, not sliced:
+    slicing a ModuleList builds a new module on every call)."""
+    *inner, last = layers
+    for layer in inner:
+        h = activation(layer(h))
+    return last(h)
+
+
 def _split_gaussian(h: Tensor) -> tuple[Tensor, Tensor]:
     """``(B, 2L)`` -> loc ``(B, L)``, scale ``(B, L)`` with scale > 0."""
     loc, raw = h.chunk(2, dim=-1)
@@ -96,10 +105,7 @@ class MLPEncoder(nn.Module):
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: Tensor):
-        h = x.flatten(1)
-        for layer in self.layers[:-1]:
-            h = self.activation(layer(h))
-        h = self.layers[-1](h)
+        h = _run_layers(self.layers, self.activation, x.flatten(1))
         return _split_gaussian(h) if self.gaussian else h
 
 
@@ -118,10 +124,7 @@ class MLPDecoder(nn.Module):
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, z: Tensor) -> Tensor:
-        h = z
-        for layer in self.layers[:-1]:
-            h = self.activation(layer(h))
-        return self.layers[-1](h).unflatten(-1, self.output_shape)
+        return _run_layers(self.layers, self.activation, z).unflatten(-1, self.output_shape)
 
 
 class ConvEncoder(nn.Module):
