@@ -74,7 +74,7 @@ def _per_call_ms(fns: dict, device, seconds: float = 0.3, rounds: int = 7) -> di
 
 
 def _fixed_costs(vae, reference, elbo, x2: torch.Tensor, device, fused) -> dict:
-    """Per-step costs that do not grow with the batch: whole training steps on 2 images, in four layers.
+    """Per-step costs that do not grow with the batch: whole training steps on 2 images, four ways.
 
     Each step is forward, backward and Adam, on 2 images where arithmetic is nil:
 
@@ -96,7 +96,7 @@ def _fixed_costs(vae, reference, elbo, x2: torch.Tensor, device, fused) -> dict:
 
     from pyrovae.models.vae import declare_parameters
 
-    n = 60000
+    n = 60000  # the batch stands for MNIST's training set, as in the Trainer
 
     def distributions_loss(x):
         loc, scale = vae.encoder(x)

@@ -45,9 +45,9 @@ class IndependentBernoulli(dist.Independent):
 
     ``log p(x) = sum_pixels [x * logits - softplus(logits)]``, the same number as the Bernoulli's
     ``-binary_cross_entropy_with_logits`` summed over the pixels (also for grey levels in [0, 1]),
-    computed with a single transcendental pass and without torch's per-pixel negation; about a
-    fifth less time in :func:`pyrovae.evaluation.log_likelihood`, where this sum is most of the
-    work besides the decoder. ``logits`` and ``value`` broadcast: logits ``(K, B, C, H, W)``
+    computed with a single transcendental pass and without torch's per-pixel negation: 15% less
+    time in :func:`pyrovae.evaluation.log_likelihood` (k=1000, 300 MNIST test images, 2 CPU
+    threads), where this sum is most of the work besides the decoder. ``logits`` and ``value`` broadcast: logits ``(K, B, C, H, W)``
     against images ``(B, C, H, W)`` give ``(K, B)``.
     """
 
