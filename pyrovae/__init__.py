@@ -23,6 +23,12 @@ from .models import (
     build_model,
 )
 from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, NetworkConfig
-from .priors import GaussianMixturePrior, LaplacePrior, StandardNormal, StudentTPrior, make_prior
+from .priors import (
+    GaussianMixturePrior,
+    LaplacePrior,
+    StandardNormal,
+    StudentTPrior,
+    make_prior,
+)
 
 __version__ = "0.1.0"

@@ -17,9 +17,11 @@ import pickle
 import re
 import secrets
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable
 
 import torch
+
+from .errors import InputError
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "write_text_atomic"]
 
@@ -27,7 +29,7 @@ __all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpo
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is missing, damaged, unsafe, of another format version, or does not fit."""
 
 
@@ -60,7 +62,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Save ``state`` (tensors and plain Python values) to ``path`` atomically, with ``"format_version"``."""
     if not isinstance(state, dict):
-        raise ValueError(f"a checkpoint is a dict, got {type(state).__name__}")
+        raise InputError(f"a checkpoint is a dict, got {type(state).__name__}")
     payload = {**state, "format_version": FORMAT_VERSION}
     _atomic_write(Path(path), lambda file: torch.save(payload, file))
 

@@ -18,10 +18,18 @@ from . import plots
 from .checkpoints import CheckpointError, write_text_atomic
 from .data import DatasetNotFoundError, load_dataset
 from .devices import resolve_device
+from .errors import InputError
 from .evaluation import PCA, evaluate
 from .models import MODELS, build_model
 from .nets import NetworkConfig
-from .training import CHECKPOINT_FILE, CONFIG_FILE, Trainer, TrainingConfig, TrainingError, load_model
+from .training import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    Trainer,
+    TrainingConfig,
+    TrainingError,
+    load_model,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -134,7 +142,7 @@ def _network_config(args, image_shape):
 def _model_config(name: str, network, **vae_options):
     """The config of model ``name`` with ``network``; ``vae_options`` (prior, likelihood, beta) for the VAE."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+        raise InputError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     config_class = MODELS[name][1]
     return config_class(network=network, **(vae_options if name == "vae" else {}))
 
@@ -151,18 +159,18 @@ def _data_options_of_run(folder: Path) -> dict:
     """How the run in ``folder`` loaded its data (kept in its config.json by ``pyrovae train``)."""
     config_file = folder / CONFIG_FILE
     if not config_file.exists():
-        raise ValueError(f"{folder} is not a run folder: it has no {CONFIG_FILE} (train one with `pyrovae train --out {folder}`)")
+        raise InputError(f"{folder} is not a run folder: it has no {CONFIG_FILE} (train one with `pyrovae train --out {folder}`)")
     try:
         return json.loads(config_file.read_text())["metadata"]["data"]
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{config_file} does not say how the run loaded its data: was it written by `pyrovae train`?") from None
+        raise InputError(f"{config_file} does not say how the run loaded its data: was it written by `pyrovae train`?") from None
 
 
 def _load_run(run: str, device):
     """The model of a run folder and the data it was trained on."""
     folder = Path(run)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a run folder (train one with `pyrovae train --out {folder}`)")
+        raise InputError(f"{folder} is not a run folder (train one with `pyrovae train --out {folder}`)")
     options = _data_options_of_run(folder)
     model, _ = load_model(folder)
     return model.to(device).eval(), _load_data(options, device)
@@ -209,7 +217,7 @@ def cmd_train(args) -> None:
         trainer = Trainer.resume(folder, device=device)
     else:
         if (folder / CHECKPOINT_FILE).exists():
-            raise ValueError(f"{folder} already holds a run: continue it with --resume, or choose another --out")
+            raise InputError(f"{folder} already holds a run: continue it with --resume, or choose another --out")
         options = _data_options(args)
         data = _load_data(options, device)
         network = _network_config(args, data.image_shape)
@@ -233,7 +241,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     device = resolve_device(args.device)
     if args.num_samples < 0:
-        raise ValueError(f"--num-samples must be non-negative, got {args.num_samples}")
+        raise InputError(f"--num-samples must be non-negative, got {args.num_samples}")
     model, data = _load_run(args.run, device)
     results = evaluate(model, data, num_samples=args.num_samples)
     _write_json(Path(args.run) / "eval.json", results)
@@ -245,7 +253,7 @@ def cmd_sample(args) -> None:
     device = resolve_device(args.device)
     model, _ = _load_run(args.run, device)
     if not hasattr(model, "sample"):
-        raise ValueError(f"{args.run} holds a deterministic autoencoder, which has no prior to sample from; use a VAE run")
+        raise InputError(f"{args.run} holds a deterministic autoencoder, which has no prior to sample from; use a VAE run")
     torch.manual_seed(args.seed)
     plots.samples(model, n=args.n, path=args.output)
     print(f"wrote {args.output}")
@@ -257,7 +265,7 @@ def cmd_interpolate(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.randperm(len(data.test), generator=generator)[: 2 * args.pairs]
     if len(index) < 2 * args.pairs:
-        raise ValueError(f"--pairs {args.pairs} needs {2 * args.pairs} test images, the run's test set has {len(data.test)}")
+        raise InputError(f"--pairs {args.pairs} needs {2 * args.pairs} test images, the run's test set has {len(data.test)}")
     plots.interpolations(model, data.test[index.to(data.test.device)], steps=args.steps, pairs=args.pairs, path=args.output)
     print(f"wrote {args.output}")
 
@@ -267,7 +275,7 @@ def cmd_compare(args) -> None:
 
     unknown = [n for n in names if n not in MODELS and n != "pca"]
     if unknown or not names:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODELS) + ['pca']}")
+        raise InputError(f"unknown model(s) {unknown}; choose from {sorted(MODELS) + ['pca']}")
     device = resolve_device(args.device)
     folder = Path(args.out)
     data = _load_data(_data_options(args), device)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .devices import resolve_device
+from .errors import InputError
 
 __all__ = ["ImageData", "DATASETS", "load_dataset", "batches", "default_data_dir", "DatasetNotFoundError"]
 
@@ -113,13 +114,13 @@ def load_dataset(
     """
     name = name.lower().replace("-", "_")
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+        raise InputError(f"unknown dataset {name!r}; choose from {DATASETS}")
     if binarize not in BINARIZATION:
-        raise ValueError(f"binarize must be one of {BINARIZATION}, got {binarize!r}")
+        raise InputError(f"binarize must be one of {BINARIZATION}, got {binarize!r}")
     if subset is not None and subset <= 0:
-        raise ValueError(f"subset must be a positive number of images, got {subset}")
+        raise InputError(f"subset must be a positive number of images, got {subset}")
     if val_size < 0:
-        raise ValueError(f"val_size must be non-negative, got {val_size}")
+        raise InputError(f"val_size must be non-negative, got {val_size}")
     device = resolve_device(device)
     root = Path(root) if root is not None else default_data_dir()
 
@@ -131,7 +132,7 @@ def load_dataset(
     val_x = val_y = None
     if val_size:
         if val_size >= len(train_x):
-            raise ValueError(f"val_size={val_size} leaves no training images (the training set has {len(train_x)})")
+            raise InputError(f"val_size={val_size} leaves no training images (the training set has {len(train_x)})")
         val_x, val_y = train_x[-val_size:], train_y[-val_size:]
         train_x, train_y = train_x[:-val_size], train_y[:-val_size]
     if subset is not None:
@@ -177,9 +178,9 @@ def batches(
     """
     n = len(x)
     if n == 0:
-        raise ValueError("cannot make batches of an empty dataset")
+        raise InputError("cannot make batches of an empty dataset")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InputError(f"batch_size must be positive, got {batch_size}")
     if shuffle:
         index = torch.randperm(n, generator=generator).to(x.device)
     for start in range(0, n, batch_size):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["resolve_device"]
 
 
@@ -12,7 +14,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
     ``"auto"`` (or ``None``) picks CUDA when it is available and the CPU otherwise.
     Asking for CUDA on a machine without it, or for a GPU index that does not exist,
-    raises :class:`ValueError` naming what is available, instead of a crash deep in torch.
+    raises :class:`~pyrovae.errors.InputError` naming what is available, instead of a crash deep in torch.
     """
     if isinstance(device, torch.device):
         name = str(device)
@@ -21,7 +23,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     elif isinstance(device, str):
         name = device.strip().lower()
     else:
-        raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
+        raise InputError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,15 +32,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if name == "cuda" or name.startswith("cuda:"):
         index_text = name[5:] if name.startswith("cuda:") else ""
         if name.startswith("cuda:") and not index_text.isdigit():
-            raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            raise InputError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise InputError(
                 f"device {device!r} was asked for, but CUDA is not available on this machine "
                 f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use device 'cpu' or 'auto'"
             )
         count = torch.cuda.device_count()
         index = int(index_text) if index_text else torch.cuda.current_device()
         if index >= count:
-            raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+            raise InputError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
         return torch.device("cuda", index)
-    raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    raise InputError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints, kl_divergence
 
 from .data import ImageData
+from .errors import InputError
 from .likelihoods import check_observations
 from .models import VAE
 
@@ -47,7 +48,7 @@ DEFAULT_NLL_BATCH = 100
 
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 # --------------------------------------------------------------------------- ELBO
@@ -155,18 +156,18 @@ def log_likelihood(
     ``torch.no_grad()`` and with Pyro's validation off after one check of ``x``.
     """
     if not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
     if batch_size is not None:
         _check_batch_size(batch_size)
     if not isinstance(max_memory_bytes, int) or max_memory_bytes <= 0:
-        raise ValueError(f"max_memory_bytes must be a positive integer, got {max_memory_bytes!r}")
+        raise InputError(f"max_memory_bytes must be a positive integer, got {max_memory_bytes!r}")
     vae.check_input(x)
     device = vae.device
     chunk_bytes = max_memory_bytes if device.type != "cpu" else min(max_memory_bytes, CPU_CHUNK_BYTES)
     unit_bytes = _bytes_per_unit(vae, x.dtype)
     units = chunk_bytes // unit_bytes  # (sample, image) pairs per chunk
     if units == 0:
-        raise ValueError(
+        raise InputError(
             f"max_memory_bytes={max_memory_bytes} cannot hold one decoder pass of one image, which needs about "
             f"{unit_bytes} bytes; allow more memory"
         )
@@ -232,7 +233,7 @@ def _encode_all(encode, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
         codes = torch.cat([encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).flatten(1)
     if not torch.isfinite(codes).all():
-        raise ValueError("the encoder gave NaN or Inf codes; the model may have diverged")
+        raise InputError("the encoder gave NaN or Inf codes; the model may have diverged")
     return codes
 
 
@@ -255,19 +256,19 @@ def linear_probe(
     """
     _check_batch_size(batch_size)
     if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
     if l2 < 0:
-        raise ValueError(f"l2 must be non-negative, got {l2}")
+        raise InputError(f"l2 must be non-negative, got {l2}")
     for name, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
         if labels.dim() != 1 or len(labels) != len(images) or labels.dtype != torch.int64:
-            raise ValueError(
+            raise InputError(
                 f"{name}_y must be int64 labels of shape ({len(images)},), one per image, "
                 f"got {labels.dtype} of shape {tuple(labels.shape)}"
             )
         if len(images) == 0:
-            raise ValueError(f"{name}_x is empty")
+            raise InputError(f"{name}_x is empty")
         if labels.min() < 0:
-            raise ValueError(f"{name}_y holds negative labels; use class indices 0, 1, ...")
+            raise InputError(f"{name}_y holds negative labels; use class indices 0, 1, ...")
     train_codes = _encode_all(encode, train_x, batch_size)
     test_codes = _encode_all(encode, test_x, batch_size)
     device = train_codes.device
@@ -310,7 +311,7 @@ class PCA:
 
     def __init__(self, latent_dim: int):
         if not isinstance(latent_dim, int) or latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+            raise InputError(f"latent_dim must be a positive integer, got {latent_dim!r}")
         self.latent_dim = latent_dim
         self.mean: Tensor | None = None
         self.components: Tensor | None = None
@@ -320,12 +321,12 @@ class PCA:
     def fit(self, x: Tensor, batch_size: int = 10000) -> "PCA":
         """Fit to ``x: (N, *shape)``; returns ``self``."""
         if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
-            raise ValueError(f"PCA.fit expects a float tensor (N, ...) of at least two dimensions, got {getattr(x, 'shape', type(x).__name__)}")
+            raise InputError(f"PCA.fit expects a float tensor (N, ...) of at least two dimensions, got {getattr(x, 'shape', type(x).__name__)}")
         n, features = len(x), math.prod(x.shape[1:])
         if self.latent_dim > min(n, features):
-            raise ValueError(f"cannot keep {self.latent_dim} components of {n} examples with {features} features; use latent_dim <= {min(n, features)}")
+            raise InputError(f"cannot keep {self.latent_dim} components of {n} examples with {features} features; use latent_dim <= {min(n, features)}")
         if not torch.isfinite(x).all():
-            raise ValueError("PCA.fit: the data contain NaN or Inf values")
+            raise InputError("PCA.fit: the data contain NaN or Inf values")
         flat = x.flatten(1)
         mean = flat.double().mean(0)
         covariance = torch.zeros(features, features, dtype=torch.float64, device=x.device)
@@ -341,7 +342,7 @@ class PCA:
 
     def _check_fitted(self) -> None:
         if self.components is None:
-            raise ValueError("this PCA is not fitted yet: call pca.fit(x) first")
+            raise InputError("this PCA is not fitted yet: call pca.fit(x) first")
 
     @property
     def device(self) -> torch.device:
@@ -352,14 +353,14 @@ class PCA:
         """``(B, *shape) -> (B, L)``: coordinates along the principal components."""
         self._check_fitted()
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"this PCA was fitted on examples of shape {self.input_shape}, got {tuple(x.shape[1:])}")
+            raise InputError(f"this PCA was fitted on examples of shape {self.input_shape}, got {tuple(x.shape[1:])}")
         return (x.flatten(1) - self.mean) @ self.components.T
 
     def decode(self, z: Tensor) -> Tensor:
         """``(B, L) -> (B, *shape)``: the point of the principal subspace with these coordinates."""
         self._check_fitted()
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected codes of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+            raise InputError(f"expected codes of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         return (z @ self.components + self.mean).unflatten(1, self.input_shape)
 
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -380,7 +381,7 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
     """
     if not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}")
+        raise InputError(f"num_samples must be a non-negative integer, got {num_samples!r}")
     results: dict = {}
     if isinstance(model, VAE):
         results.update(test_elbo(model, data.test))

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from .errors import InputError
+
 #: the trailing dimensions ``(C, H, W)`` that make one image, one event of the likelihood
 IMAGE_DIMS = 3
 
@@ -97,7 +99,7 @@ class _LocationScale(nn.Module):
     def __init__(self, scale: float = 0.1, learn_scale: bool = False):
         super().__init__()
         if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale}")
+            raise InputError(f"scale must be positive, got {scale}")
         raw = torch.tensor(math.log(math.expm1(scale)))  # inverse softplus
         if learn_scale:
             self.raw_scale = nn.Parameter(raw)
@@ -135,25 +137,25 @@ LIKELIHOODS = {
 def make_likelihood(name: str) -> nn.Module:
     """The built-in likelihood called ``name`` (one of :data:`LIKELIHOODS`), with its defaults."""
     if name not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {name!r}; choose from {sorted(LIKELIHOODS)} or pass your own callable")
+        raise InputError(f"unknown likelihood {name!r}; choose from {sorted(LIKELIHOODS)} or pass your own callable")
     return LIKELIHOODS[name]()
 
 
 def check_observations(x: Tensor, event_shape: tuple[int, ...], support=None) -> None:
-    """Raise :class:`ValueError` unless ``x`` is a float batch ``(B, *event_shape)`` of finite values in ``support``."""
+    """Raise :class:`~pyrovae.errors.InputError` unless ``x`` is a float batch ``(B, *event_shape)`` of finite values in ``support``."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"expected a tensor of images of shape (B, {', '.join(map(str, event_shape))}), got {type(x).__name__}")
+        raise InputError(f"expected a tensor of images of shape (B, {', '.join(map(str, event_shape))}), got {type(x).__name__}")
     if tuple(x.shape[1:]) != tuple(event_shape) or x.dim() != len(event_shape) + 1:
-        raise ValueError(f"expected images of shape (B, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
+        raise InputError(f"expected images of shape (B, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
     if x.shape[0] == 0:
-        raise ValueError("the batch is empty")
+        raise InputError("the batch is empty")
     if not x.is_floating_point():
-        raise ValueError(f"expected floating-point images (scale integers to [0, 1] first), got dtype {x.dtype}")
+        raise InputError(f"expected floating-point images (scale integers to [0, 1] first), got dtype {x.dtype}")
     if not torch.isfinite(x).all():
-        raise ValueError("the images contain NaN or Inf values")
+        raise InputError("the images contain NaN or Inf values")
     if support is not None and not bool(support.check(x).all()):
         lo, hi = x.min().item(), x.max().item()
-        raise ValueError(
+        raise InputError(
             f"the images have values in [{lo:g}, {hi:g}], outside the likelihood's support {support}; "
             "scale pixels to [0, 1], binarize them, or choose another likelihood"
         )

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError
+
 __all__ = [
     "NetworkConfig",
     "MLPEncoder",
@@ -61,15 +63,15 @@ class NetworkConfig:
         object.__setattr__(self, "input_shape", shape)
         object.__setattr__(self, "hidden", hidden)
         if len(shape) != 3 or any(not isinstance(s, int) or s <= 0 for s in shape):
-            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
+            raise InputError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
         if not isinstance(self.latent_dim, int) or self.latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+            raise InputError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
         if any(not isinstance(h, int) or h <= 0 for h in hidden):
-            raise ValueError(f"hidden widths must be positive integers, got {hidden}")
+            raise InputError(f"hidden widths must be positive integers, got {hidden}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+            raise InputError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
         if self.conv and shape not in CONV_SHAPES:
-            raise ValueError(f"conv networks are built for images of shape {CONV_SHAPES}, got {shape}; use the MLP")
+            raise InputError(f"conv networks are built for images of shape {CONV_SHAPES}, got {shape}; use the MLP")
 
 
 def _run_layers(layers: nn.ModuleList, activation: nn.Module, h: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from .errors import InputError
 from .evaluation import PCA
 
 __all__ = ["reconstructions", "samples", "interpolations", "latent_scatter", "manifold", "training_curves", "comparison"]
@@ -66,9 +67,9 @@ def _device(model, fallback: torch.device) -> torch.device:
 def _check_images(x: Tensor, what: str = "x") -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{what} must be images (B, C, H, W) with 1 or 3 channels, got {shape}")
+        raise InputError(f"{what} must be images (B, C, H, W) with 1 or 3 channels, got {shape}")
     if len(x) == 0:
-        raise ValueError(f"{what} holds no images")
+        raise InputError(f"{what} holds no images")
 
 
 def _show_grid(ax, images: Tensor, ncol: int, row_labels=None, col_labels=None) -> None:
@@ -101,7 +102,7 @@ def reconstructions(model, x: Tensor, n: int = 8, path=None) -> Figure:
     """The first ``n`` images of ``x: (N, C, H, W)`` (top row) above their reconstructions (bottom row)."""
     _check_images(x)
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise InputError(f"n must be positive, got {n}")
     x = x[:n].to(_device(model, x.device))
     with torch.no_grad():
         recon = model.reconstruct(x)
@@ -115,9 +116,9 @@ def reconstructions(model, x: Tensor, n: int = 8, path=None) -> Figure:
 def samples(vae, n: int = 64, path=None) -> Figure:
     """``n`` images ``vae.sample(n)`` (decoded draws from the prior) in a square-ish grid."""
     if not hasattr(vae, "sample"):
-        raise ValueError(f"a {_name(vae)} has no prior to sample from; use a VAE")
+        raise InputError(f"a {_name(vae)} has no prior to sample from; use a VAE")
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise InputError(f"n must be positive, got {n}")
     images = vae.sample(n)
     ncol = math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
@@ -137,22 +138,22 @@ def interpolations(model, x, steps: int = 10, pairs: int = 8, path=None) -> Figu
     ``steps`` values of ``t`` from 0 to 1 (``z = encode(image)``), then the end image.
     """
     if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
+        raise InputError(f"steps must be at least 2, got {steps}")
     if pairs <= 0:
-        raise ValueError(f"pairs must be positive, got {pairs}")
+        raise InputError(f"pairs must be positive, got {pairs}")
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise ValueError(f"give the pairs as a tuple (starts, ends), got {len(x)} tensors")
+            raise InputError(f"give the pairs as a tuple (starts, ends), got {len(x)} tensors")
         starts, ends = x
         _check_images(starts, "starts")
         _check_images(ends, "ends")
         if starts.shape != ends.shape:
-            raise ValueError(f"starts and ends must have the same shape, got {tuple(starts.shape)} and {tuple(ends.shape)}")
+            raise InputError(f"starts and ends must have the same shape, got {tuple(starts.shape)} and {tuple(ends.shape)}")
         starts, ends = starts[:pairs], ends[:pairs]
     else:
         _check_images(x)
         if len(x) < 2:
-            raise ValueError("interpolations need at least two images, one pair")
+            raise InputError("interpolations need at least two images, one pair")
         x = x[: 2 * min(pairs, len(x) // 2)]
         starts, ends = x[0::2], x[1::2]
     device = _device(model, starts.device)
@@ -182,11 +183,11 @@ def latent_scatter(model, x: Tensor, labels: Tensor, path=None) -> Figure:
     _check_images(x)
     labels = torch.as_tensor(labels).cpu()
     if labels.shape != (len(x),):
-        raise ValueError(f"labels must be one per image, shape ({len(x)},), got {tuple(labels.shape)}")
+        raise InputError(f"labels must be one per image, shape ({len(x)},), got {tuple(labels.shape)}")
     codes = _encode(model, x)
     latent_dim = codes.shape[1]
     if latent_dim < 2:
-        raise ValueError(f"a scatter needs codes of at least two dimensions, this model's have {latent_dim}")
+        raise InputError(f"a scatter needs codes of at least two dimensions, this model's have {latent_dim}")
     if latent_dim == 2:
         points, axis_names = codes, ["z₁", "z₂"]
     else:
@@ -220,12 +221,12 @@ def manifold(vae, n: int = 20, path=None) -> Figure:
 
     The grid sits at the quantiles ``(i + 0.5) / n`` of a standard Normal in each coordinate, so
     that it covers the prior's mass evenly; ``z₁`` grows to the right and ``z₂`` upwards. Only
-    for models with ``L == 2`` (:class:`ValueError` otherwise).
+    for models with ``L == 2`` (:class:`~pyrovae.errors.InputError` otherwise).
     """
     if vae.latent_dim != 2:
-        raise ValueError(f"the manifold is drawn for a two-dimensional latent space, this model has L = {vae.latent_dim}; use latent_scatter")
+        raise InputError(f"the manifold is drawn for a two-dimensional latent space, this model has L = {vae.latent_dim}; use latent_scatter")
     if n < 2:
-        raise ValueError(f"n must be at least 2, got {n}")
+        raise InputError(f"n must be at least 2, got {n}")
     quantiles = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
     z1 = quantiles.repeat(n)  # columns: left to right
     z2 = quantiles.flip(0).repeat_interleave(n)  # rows: top to bottom, so z₂ grows upwards
@@ -253,12 +254,12 @@ def training_curves(history: list[dict], path=None) -> Figure:
     the stacked autoencoder) measure other losses and are left out; the title says how many.
     """
     if not history or not all(isinstance(row, dict) for row in history):
-        raise ValueError("history must be a non-empty list of dicts, one per epoch")
+        raise InputError("history must be a non-empty list of dicts, one per epoch")
     rows = [row for row in history if row.get("phase", "train") == "train"]
     keys = [key for key in ("train_loss", "val_loss") if any(row.get(key) is not None for row in rows)]
     if not keys:
         found = sorted({key for row in history for key in row})
-        raise ValueError(f"the history has no end-to-end 'train_loss' or 'val_loss' to plot (keys: {found})")
+        raise InputError(f"the history has no end-to-end 'train_loss' or 'val_loss' to plot (keys: {found})")
     epochs = [row.get("epoch", i + 1) for i, row in enumerate(rows)]
     figure = _figure(6.4, 4.2)
     ax = figure.add_subplot()
@@ -281,10 +282,10 @@ def comparison(models: dict, x: Tensor, n: int = 8, path=None) -> Figure:
     and ``n`` samples from each model that can sample (bottom). ``models`` maps a name to a model.
     """
     if not models:
-        raise ValueError("give at least one model to compare, as {name: model}")
+        raise InputError("give at least one model to compare, as {name: model}")
     _check_images(x)
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise InputError(f"n must be positive, got {n}")
     x = x[:n]
     recon_rows, recon_names = [x.cpu()], ["input"]
     sample_rows, sample_names = [], []

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["StandardNormal", "LaplacePrior", "StudentTPrior", "GaussianMixturePrior", "PRIORS", "make_prior", "check_prior"]
 
 
@@ -48,7 +50,7 @@ class LaplacePrior(nn.Module):
     def __init__(self, latent_dim: int, scale: float = 1.0):
         super().__init__()
         if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale}")
+            raise InputError(f"scale must be positive, got {scale}")
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.full((latent_dim,), float(scale)))
 
@@ -62,7 +64,7 @@ class StudentTPrior(nn.Module):
     def __init__(self, latent_dim: int, df: float = 3.0):
         super().__init__()
         if not df > 0:
-            raise ValueError(f"df must be positive, got {df}")
+            raise InputError(f"df must be positive, got {df}")
         self.register_buffer("df", torch.full((latent_dim,), float(df)))
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
@@ -81,7 +83,7 @@ class GaussianMixturePrior(nn.Module):
     def __init__(self, latent_dim: int, num_components: int = 10, seed: int = 0):
         super().__init__()
         if num_components <= 0:
-            raise ValueError(f"num_components must be positive, got {num_components}")
+            raise InputError(f"num_components must be positive, got {num_components}")
         generator = torch.Generator().manual_seed(seed)
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.locs = nn.Parameter(torch.randn(num_components, latent_dim, generator=generator))
@@ -103,19 +105,19 @@ PRIORS: dict[str, Callable[[int], nn.Module]] = {
 def make_prior(name: str, latent_dim: int) -> nn.Module:
     """The built-in prior called ``name`` (one of :data:`PRIORS`) over ``(latent_dim,)``."""
     if name not in PRIORS:
-        raise ValueError(f"unknown prior {name!r}; choose from {sorted(PRIORS)} or pass your own callable")
+        raise InputError(f"unknown prior {name!r}; choose from {sorted(PRIORS)} or pass your own callable")
     return PRIORS[name](latent_dim)
 
 
 def check_prior(prior, latent_dim: int) -> None:
-    """Raise :class:`ValueError` unless ``prior()`` is a distribution with event shape ``(latent_dim,)``."""
+    """Raise :class:`~pyrovae.errors.InputError` unless ``prior()`` is a distribution with event shape ``(latent_dim,)``."""
     if not callable(prior):
-        raise ValueError(f"a prior must be callable and return a distribution over z, got {type(prior).__name__}")
+        raise InputError(f"a prior must be callable and return a distribution over z, got {type(prior).__name__}")
     d = prior()
     if not isinstance(d, torch.distributions.Distribution):
-        raise ValueError(f"the prior returned {type(d).__name__}, not a distribution")
+        raise InputError(f"the prior returned {type(d).__name__}, not a distribution")
     if tuple(d.event_shape) != (latent_dim,) or tuple(d.batch_shape) != ():
-        raise ValueError(
+        raise InputError(
             f"the prior's distribution must have batch_shape () and event_shape ({latent_dim},), "
             f"got batch_shape {tuple(d.batch_shape)} and event_shape {tuple(d.event_shape)}; "
             "use .to_event(1) on a per-coordinate distribution"

@@ -54,9 +54,15 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
+from .checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .data import batches
 from .devices import resolve_device
+from .errors import InputError
 from .models import MODELS, build_model, config_from_dict, config_to_dict
 
 __all__ = [
@@ -95,7 +101,7 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How to train; every field is checked on construction (a :class:`ValueError` names the problem).
+    """How to train; every field is checked on construction (a :class:`~pyrovae.errors.InputError` names the problem).
 
     epochs:          epochs of end-to-end training (the stacked AE pretrains first, see :class:`Trainer`).
     batch_size:      images per step.
@@ -134,36 +140,36 @@ class TrainingConfig:
 
     def __post_init__(self):
         if not _is_int(self.epochs) or self.epochs < 0:
-            raise ValueError(f"epochs must be a non-negative integer, got {self.epochs!r}")
+            raise InputError(f"epochs must be a non-negative integer, got {self.epochs!r}")
         if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise InputError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.optimizer, str) and self.optimizer.lower() in ("lbfgs", "sparseadam"):
-            raise ValueError(
+            raise InputError(
                 f"optimizer {self.optimizer!r} is not supported (LBFGS needs a closure, SparseAdam sparse gradients); "
                 f"choose from {sorted(OPTIMIZERS)}"
             )
         if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
         object.__setattr__(self, "optimizer", self.optimizer.lower())
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose from {LR_SCHEDULES}")
+            raise InputError(f"unknown lr_schedule {self.lr_schedule!r}; choose from {LR_SCHEDULES}")
         if not _is_int(self.lr_step_epochs) or self.lr_step_epochs <= 0:
-            raise ValueError(f"lr_step_epochs must be a positive integer, got {self.lr_step_epochs!r}")
+            raise InputError(f"lr_step_epochs must be a positive integer, got {self.lr_step_epochs!r}")
         if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not 0 < self.grad_clip < math.inf):
-            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+            raise InputError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if self.elbo not in ELBOS:
-            raise ValueError(f"unknown elbo {self.elbo!r}; choose from {ELBOS}")
+            raise InputError(f"unknown elbo {self.elbo!r}; choose from {ELBOS}")
         if not _is_int(self.num_particles) or self.num_particles <= 0:
-            raise ValueError(f"num_particles must be a positive integer, got {self.num_particles!r}")
+            raise InputError(f"num_particles must be a positive integer, got {self.num_particles!r}")
         if not _is_int(self.kl_warmup_epochs) or self.kl_warmup_epochs < 0:
-            raise ValueError(f"kl_warmup_epochs must be a non-negative integer, got {self.kl_warmup_epochs!r}")
+            raise InputError(f"kl_warmup_epochs must be a non-negative integer, got {self.kl_warmup_epochs!r}")
         patience = self.early_stopping_patience
         if patience is not None and (not _is_int(patience) or patience <= 0):
-            raise ValueError(f"early_stopping_patience must be a positive integer or None, got {patience!r}")
+            raise InputError(f"early_stopping_patience must be a positive integer or None, got {patience!r}")
         if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
 
 
 class TrainingError(RuntimeError):
@@ -246,22 +252,22 @@ class Trainer:
 
     def __init__(self, model, config: TrainingConfig = TrainingConfig(), out_dir=None, model_name: str | None = None, metadata: dict | None = None):
         if not isinstance(config, TrainingConfig):
-            raise ValueError(f"config must be a TrainingConfig, got {type(config).__name__}")
+            raise InputError(f"config must be a TrainingConfig, got {type(config).__name__}")
         self.svi = callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))
         if not self.svi and not callable(getattr(model, "loss", None)):
-            raise ValueError(f"{type(model).__name__} has neither model/guide (a Pyro program) nor loss(x): nothing to train")
+            raise InputError(f"{type(model).__name__} has neither model/guide (a Pyro program) nor loss(x): nothing to train")
         if config.kl_warmup_epochs and not hasattr(model, "kl_weight"):
-            raise ValueError(f"kl_warmup_epochs needs a model with a kl_weight (the VAE), not {type(model).__name__}")
+            raise InputError(f"kl_warmup_epochs needs a model with a kl_weight (the VAE), not {type(model).__name__}")
         model_name = model_name if model_name is not None else _model_name(model)
         if model_name is not None and model_name not in MODELS:
-            raise ValueError(f"unknown model_name {model_name!r}; choose from {sorted(MODELS)}")
+            raise InputError(f"unknown model_name {model_name!r}; choose from {sorted(MODELS)}")
         if model_name is not None and type(getattr(model, "config", None)) is not MODELS[model_name][1]:
-            raise ValueError(
+            raise InputError(
                 f"model_name {model_name!r} is for models with config class {MODELS[model_name][1].__name__}, not a "
                 f"{type(model).__name__} with config class {type(getattr(model, 'config', None)).__name__}"
             )
         if out_dir is not None and model_name is None:
-            raise ValueError(f"a run folder records the model's name: pass model_name (one of {sorted(MODELS)}) for a {type(model).__name__}")
+            raise InputError(f"a run folder records the model's name: pass model_name (one of {sorted(MODELS)}) for a {type(model).__name__}")
         self.model = model
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -292,7 +298,7 @@ class Trainer:
         dynamic_binarization: train on a fresh ``Bernoulli(pixels)`` draw of every batch.
         A new run seeds torch's global RNG with ``config.seed`` (see the module docs).
         Returns the history: one dict per epoch with the keys :data:`HISTORY_COLUMNS`.
-        Raises :class:`ValueError` for unusable data (before training or writing any file),
+        Raises :class:`~pyrovae.errors.InputError` for unusable data (before training or writing any file),
         :class:`TrainingError` for a non-finite loss, :class:`KeyboardInterrupt` on SIGINT/SIGTERM.
         """
         train, val = self._check_data(train, val, dynamic_binarization)
@@ -347,7 +353,7 @@ class Trainer:
         if key != self._checked_data:
             if dynamic_binarization:
                 if not isinstance(train, Tensor) or not train.is_floating_point() or not bool(((train >= 0) & (train <= 1)).all()):
-                    raise ValueError("dynamic binarization draws Bernoulli(pixels): the training images must be floats in [0, 1]")
+                    raise InputError("dynamic binarization draws Bernoulli(pixels): the training images must be floats in [0, 1]")
                 self.model.check_input((train[:1] > 0.5).to(train.dtype))  # batches will be binary images like this one
             else:
                 self.model.check_input(train)
@@ -355,11 +361,11 @@ class Trainer:
                 self.model.check_input(val)
             self._checked_data = key
         if self.config.batch_size > len(train):
-            raise ValueError(
+            raise InputError(
                 f"batch_size={self.config.batch_size} is larger than the training set ({len(train)} images); use a smaller batch_size"
             )
         if self.config.early_stopping_patience is not None and val is None:
-            raise ValueError("early_stopping_patience watches the validation loss: pass val data, or set it to None")
+            raise InputError("early_stopping_patience watches the validation loss: pass val data, or set it to None")
         return train.to(self.device), None if val is None else val.to(self.device)
 
     def _phases(self) -> list[tuple[str, int | None, int]]:
@@ -636,9 +642,9 @@ class Trainer:
         """Continue the run ``state`` (from :meth:`_state`); the model already holds its weights."""
         saved = state["position"]
         if saved["n_train"] != n_train:
-            raise ValueError(f"this run was trained on {saved['n_train']} images, not {n_train}: pass the same training set to continue it")
+            raise InputError(f"this run was trained on {saved['n_train']} images, not {n_train}: pass the same training set to continue it")
         if saved["dynamic_binarization"] != dynamic_binarization:
-            raise ValueError(f"this run was trained with dynamic_binarization={saved['dynamic_binarization']}: pass the same to continue it")
+            raise InputError(f"this run was trained with dynamic_binarization={saved['dynamic_binarization']}: pass the same to continue it")
         self.history = [dict(row) for row in state["history"]]
         self._pos = _Position(**saved, epoch_rng=state["rng"]["batches"].clone())
         if state["epoch_losses"] is not None:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from .autoencoders import AE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig
+from ..errors import InputError
+from .autoencoders import (
+    AE,
+    AEConfig,
+    DenoisingAE,
+    DenoisingAEConfig,
+    SparseAE,
+    SparseAEConfig,
+    StackedAE,
+    StackedAEConfig,
+)
 from .base import AutoencoderMixin, config_to_dict
 from .vae import VAE, VAEConfig
 
@@ -24,7 +34,7 @@ MODELS = {
 
 def _lookup(name: str):
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+        raise InputError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name]
 
 
@@ -34,7 +44,7 @@ def config_from_dict(name: str, values: dict):
     try:
         return config_class(**values)
     except TypeError as error:
-        raise ValueError(f"not a {config_class.__name__}: {error}") from None
+        raise InputError(f"not a {config_class.__name__}: {error}") from None
 
 
 def build_model(name: str, config=None):

@@ -23,6 +23,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from ..errors import InputError
 from ..nets import MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
 from .base import AutoencoderMixin
 
@@ -42,7 +43,7 @@ class AEConfig:
         if isinstance(self.network, dict):
             object.__setattr__(self, "network", NetworkConfig(**self.network))
         if self.loss not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"unknown reconstruction loss {self.loss!r}; choose from {RECONSTRUCTION_LOSSES}")
+            raise InputError(f"unknown reconstruction loss {self.loss!r}; choose from {RECONSTRUCTION_LOSSES}")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class SparseAEConfig(AEConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.sparsity_target < 1:
-            raise ValueError(f"sparsity_target must lie in (0, 1), got {self.sparsity_target}")
+            raise InputError(f"sparsity_target must lie in (0, 1), got {self.sparsity_target}")
         if not self.sparsity_weight >= 0:
-            raise ValueError(f"sparsity_weight must be non-negative, got {self.sparsity_weight}")
+            raise InputError(f"sparsity_weight must be non-negative, got {self.sparsity_weight}")
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ class StackedAEConfig(AEConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.network.conv:
-            raise ValueError("the stacked autoencoder pretrains fully connected layers: use conv=False")
+            raise InputError("the stacked autoencoder pretrains fully connected layers: use conv=False")
         if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs must be a non-negative integer, got {self.pretrain_epochs!r}")
+            raise InputError(f"pretrain_epochs must be a non-negative integer, got {self.pretrain_epochs!r}")
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,9 @@ class DenoisingAEConfig(AEConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be non-negative, got {self.noise_std}")
+            raise InputError(f"noise_std must be non-negative, got {self.noise_std}")
         if not 0 <= self.mask_prob < 1:
-            raise ValueError(f"mask_prob must lie in [0, 1), got {self.mask_prob}")
+            raise InputError(f"mask_prob must lie in [0, 1), got {self.mask_prob}")
 
 
 class AE(AutoencoderMixin, nn.Module):
@@ -98,7 +99,7 @@ class AE(AutoencoderMixin, nn.Module):
         super().__init__()
         config = config or self.config_class()
         if not isinstance(config, self.config_class):
-            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise InputError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.encoder = encoder if encoder is not None else build_encoder(config.network)
         self.decoder = decoder if decoder is not None else build_decoder(config.network)
@@ -185,9 +186,9 @@ class StackedAE(AE):
     def __init__(self, config: StackedAEConfig | None = None, **networks):
         super().__init__(config, **networks)
         if not isinstance(self.encoder, MLPEncoder) or not isinstance(self.decoder, MLPDecoder):
-            raise ValueError("the stacked autoencoder needs the MLP encoder and decoder")
+            raise InputError("the stacked autoencoder needs the MLP encoder and decoder")
         if len(self.encoder.layers) != len(self.decoder.layers):
-            raise ValueError("the encoder and decoder must have mirrored layers")
+            raise InputError("the encoder and decoder must have mirrored layers")
         self.active_layer: int | None = None
 
     @property
@@ -199,7 +200,7 @@ class StackedAE(AE):
             return super()._loss(x)
         k, last = self.active_layer, len(self.encoder.layers) - 1
         if not isinstance(k, int) or not 0 <= k <= last:
-            raise ValueError(f"active_layer must be None or a layer index 0..{last}, got {k!r}")
+            raise InputError(f"active_layer must be None or a layer index 0..{last}, got {k!r}")
         enc, dec = self.encoder, self.decoder
         with torch.no_grad():  # the layers below are fixed: their output is the input of this one
             h = x.flatten(1)

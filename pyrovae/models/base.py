@@ -12,6 +12,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..likelihoods import check_observations
 
 __all__ = ["AutoencoderMixin", "config_to_dict"]
@@ -42,11 +43,11 @@ class AutoencoderMixin:
         return next(self.parameters()).device
 
     def check_input(self, x: Tensor) -> None:
-        """Raise :class:`ValueError` unless ``x`` is a finite batch ``(B, C, H, W)`` in the support, of the model's dtype."""
+        """Raise :class:`~pyrovae.errors.InputError` unless ``x`` is a finite batch ``(B, C, H, W)`` in the support, of the model's dtype."""
         check_observations(x, self.input_shape, self.support)
         dtype = next(self.parameters()).dtype
         if x.dtype != dtype:
-            raise ValueError(f"the images are {x.dtype} but the model computes in {dtype}: convert them with x.to({dtype})")
+            raise InputError(f"the images are {x.dtype} but the model computes in {dtype}: convert them with x.to({dtype})")
 
     def encode(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``(B, C, H, W) -> (B, L)``."""

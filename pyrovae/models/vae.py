@@ -37,6 +37,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from ..errors import InputError
 from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..nets import NetworkConfig, build_decoder, build_encoder
 from ..priors import PRIORS, check_prior, make_prior
@@ -58,11 +59,11 @@ class VAEConfig:
         if isinstance(self.network, dict):
             object.__setattr__(self, "network", NetworkConfig(**self.network))
         if not self.beta >= 0:
-            raise ValueError(f"beta must be non-negative, got {self.beta}")
+            raise InputError(f"beta must be non-negative, got {self.beta}")
         if self.prior not in PRIORS:
-            raise ValueError(f"unknown prior {self.prior!r}; choose from {sorted(PRIORS)} (or pass prior= to VAE)")
+            raise InputError(f"unknown prior {self.prior!r}; choose from {sorted(PRIORS)} (or pass prior= to VAE)")
         if self.likelihood not in LIKELIHOODS:
-            raise ValueError(
+            raise InputError(
                 f"unknown likelihood {self.likelihood!r}; choose from {sorted(LIKELIHOODS)} (or pass likelihood= to VAE)"
             )
 
@@ -144,9 +145,9 @@ class VAE(AutoencoderMixin, PyroModule):
             out = self.decoder(torch.zeros(2, self.latent_dim, device=self.device))
             d = self.likelihood(out)
         if not isinstance(d, torch.distributions.Distribution):
-            raise ValueError(f"the likelihood returned {type(d).__name__}, not a distribution")
+            raise InputError(f"the likelihood returned {type(d).__name__}, not a distribution")
         if tuple(d.batch_shape) != (2,) or tuple(d.event_shape) != self.input_shape:
-            raise ValueError(
+            raise InputError(
                 f"the likelihood must give batch_shape (B,) and event_shape {self.input_shape}, got "
                 f"{tuple(d.batch_shape)} and {tuple(d.event_shape)}; use .to_event(3) on a per-pixel distribution"
             )
@@ -187,14 +188,14 @@ class VAE(AutoencoderMixin, PyroModule):
     def sample(self, n: int) -> Tensor:
         """``n`` images ``(n, C, H, W)``: means of p(x|z) for z drawn from the prior."""
         if n <= 0:
-            raise ValueError(f"n must be positive, got {n}")
+            raise InputError(f"n must be positive, got {n}")
         return self.decode(self.prior().sample((n,)))
 
     @torch.no_grad()
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 10) -> Tensor:
         """Decode ``steps`` points on the line between the codes of two images ``(C, H, W)``: ``(steps, C, H, W)``."""
         if steps < 2:
-            raise ValueError(f"steps must be at least 2, got {steps}")
+            raise InputError(f"steps must be at least 2, got {steps}")
         z = self.encode(torch.stack([x1, x2]))
         t = torch.linspace(0, 1, steps, device=z.device).unsqueeze(1)
         return self.decode((1 - t) * z[0] + t * z[1])
