@@ -89,12 +89,11 @@ def _fixed_costs(vae, reference, elbo, x2: torch.Tensor, device, fused) -> dict:
     The differences split Pyro's cost per step: distribution objects, tracing, and
     ``Trace_ELBO``'s own bookkeeping (log-prob and score-part tables, ``.item()`` reads,
     NaN checks and their backward hooks, the surrogate loss). ``declare_parameters_ms`` is the
-    part of tracing that records the networks' parameters as Pyro ``param`` sites.
+    part of tracing that declares the networks' parameters (``pyro.module``) as Pyro ``param`` sites.
     """
     import pyro.distributions as dist
     from pyro import poutine
-
-    from pyrovae.models.vae import declare_parameters
+    from pyro.poutine.util import site_is_subsample
 
     n = 60000  # the batch stands for MNIST's training set, as in the Trainer
 
@@ -111,7 +110,7 @@ def _fixed_costs(vae, reference, elbo, x2: torch.Tensor, device, fused) -> dict:
         elbo_value = 0.0
         for trace, sign in ((model, 1), (guide, -1)):
             for site in trace.nodes.values():
-                if site["type"] == "sample":
+                if site["type"] == "sample" and not site_is_subsample(site):
                     elbo_value = elbo_value + sign * (site["fn"].log_prob(site["value"]) * site["scale"]).sum()
         return -elbo_value / n
 
@@ -127,8 +126,7 @@ def _fixed_costs(vae, reference, elbo, x2: torch.Tensor, device, fused) -> dict:
         return run
 
     def declare():
-        for module, prefix in ((vae.decoder, "decoder"), (vae.likelihood, "likelihood"), (vae.prior, "prior"), (vae.encoder, "encoder")):
-            declare_parameters(module, prefix)
+        vae._declare("decoder", "likelihood", "prior", "encoder")
 
     steps = _per_call_ms(
         {

@@ -102,8 +102,9 @@ def pyrovae_vae_runner(settings: Settings, x: torch.Tensor, elbo: str = "trace",
     from pyrovae.training import Trainer, TrainingConfig
 
     torch.manual_seed(settings.seed)
-    model = VAE(VAEConfig(network=NetworkConfig(input_shape=tuple(x.shape[1:]), hidden=tuple(hidden), latent_dim=latent))).to(settings.device)
-    config = TrainingConfig(epochs=1, batch_size=batch_size, lr=lr, elbo=elbo, num_particles=num_particles, seed=settings.seed, progress=False)
+    network = NetworkConfig(input_shape=tuple(x.shape[1:]), hidden=tuple(hidden), latent_dim=latent)
+    model = VAE(VAEConfig(network=network, elbo=elbo, num_particles=num_particles)).to(settings.device)
+    config = TrainingConfig(epochs=1, batch_size=batch_size, lr=lr, seed=settings.seed, progress=False)
     return TrainerEpochs(Trainer(model, config), x, settings.device)
 
 

@@ -26,7 +26,7 @@ from .errors import InputError
 __all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "write_text_atomic"]
 
 #: version of the checkpoint layout; :func:`load_checkpoint` refuses any other
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(InputError):

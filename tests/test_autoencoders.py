@@ -8,9 +8,11 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import cuda, tiny_network
+from torch.distributions import Bernoulli, kl_divergence
+
 from pyrovae.data import batches
+from pyrovae.errors import InputError
 from pyrovae.models import (
     AE,
     AEConfig,
@@ -115,8 +117,7 @@ def test_sparsity_penalty_is_the_kl_to_the_target_rate():
     model = make("sparse", sparsity_target=0.1, sparsity_weight=3.0)
     assert model.sparsity_penalty(torch.full((5, 8), 0.1)).item() == pytest.approx(0.0, abs=1e-6)
     code = torch.rand(5, 8)
-    rate = code.mean(0)
-    expected = (0.1 * torch.log(0.1 / rate) + 0.9 * torch.log(0.9 / (1 - rate))).sum()
+    expected = kl_divergence(Bernoulli(probs=torch.full((8,), 0.1)), Bernoulli(probs=code.mean(0))).sum()
     torch.testing.assert_close(model.sparsity_penalty(code), expected)
     x = torch.rand(4, 1, 28, 28)
     code = model.encode(x)
@@ -159,9 +160,7 @@ def test_gradients_reach_every_parameter(kind, conv):
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_stacked_pretraining_reaches_one_layer_and_its_mirror(k):
     model = stacked()
-    assert model.pretrain_layers == 3
-    model.active_layer = k
-    model.loss(torch.rand(8, 1, 28, 28)).backward()
+    model.loss(torch.rand(8, 1, 28, 28), layer=k).backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     untouched = {name for name, p in model.named_parameters() if p.grad is None}
     mirror = 2 - k
@@ -174,48 +173,47 @@ def test_stacked_layer_losses_by_hand():
     model = stacked()
     enc, dec = model.encoder, model.decoder
     x = torch.rand(4, 1, 28, 28)
-    model.active_layer = 0
     logits = dec.layers[2](enc.activation(enc.layers[0](x.flatten(1))))
-    torch.testing.assert_close(model.loss(x), F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="sum") / 4)
-    model.active_layer = 1
+    torch.testing.assert_close(model.loss(x, layer=0), F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="sum") / 4)
     h = enc.activation(enc.layers[0](x.flatten(1)))
     out = enc.activation(dec.layers[1](enc.activation(enc.layers[1](h))))
-    torch.testing.assert_close(model.loss(x), (out - h).square().sum() / 4)
+    torch.testing.assert_close(model.loss(x, layer=1), (out - h).square().sum() / 4)
 
 
 @pytest.mark.parametrize("k", [-1, 3, 1.0])
-def test_stacked_active_layer_out_of_range(k):
-    model = stacked()
-    model.active_layer = k
-    with pytest.raises(ValueError, match=r"active_layer must be None or a layer index 0..2"):
-        model.loss(torch.rand(2, 1, 28, 28))
+def test_stacked_layer_out_of_range(k):
+    with pytest.raises(InputError, match=r"layer must be None or a layer index 0..2"):
+        stacked().loss(torch.rand(2, 1, 28, 28), layer=k)
 
 
-def test_stacked_without_pretraining_has_no_pretrain_layers():
-    assert stacked(pretrain_epochs=0).pretrain_layers == 0
-    assert make("ae").pretrain_layers == 0
+def test_phases_pretrain_each_layer_of_the_stacked_ae_only():
+    assert [(p.name, p.epochs) for p in stacked(pretrain_epochs=2).training_phases(5)] == [
+        ("pretrain-0", 2), ("pretrain-1", 2), ("pretrain-2", 2), ("train", 5)]
+    assert [p.name for p in stacked(pretrain_epochs=0).training_phases(5)] == ["train"]
+    assert [p.name for p in make("ae").training_phases(5)] == ["train"]
 
 
 # --------------------------------------------------------------------------- training on real MNIST
 
 
-def fit(model, data, epochs, lr=2e-3):
+def fit(model, data, epochs, lr=2e-3, layer=None):
     """A few epochs of Adam over ``data`` in batches of 32; returns the eval-mode loss over ``data`` after."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
     model.train()
+    loss = (lambda x: model.loss(x, layer=layer)) if layer is not None else model.loss
     for _ in range(epochs):
         for x in batches(data, 32, generator):
             optimizer.zero_grad()
-            model.loss(x).backward()
+            loss(x).backward()
             optimizer.step()
-    return evaluate(model, data)
+    return evaluate(model, data, layer)
 
 
-def evaluate(model, data):
+def evaluate(model, data, layer=None):
     model.eval()
     with torch.no_grad():
-        return model.loss(data).item()
+        return (model.loss(data, layer=layer) if layer is not None else model.loss(data)).item()
 
 
 @pytest.mark.parametrize("kind", ["ae", "sparse", "denoising"])
@@ -228,12 +226,10 @@ def test_short_training_run_lowers_the_loss(kind, mnist):
 
 def test_stacked_pretrains_each_layer_then_fine_tunes(mnist):
     model = stacked()
-    for k in range(model.pretrain_layers):
-        model.active_layer = k
-        before = evaluate(model, mnist.train)
-        after = fit(model, mnist.train, epochs=2)
+    for k in range(len(model.encoder.layers)):
+        before = evaluate(model, mnist.train, layer=k)
+        after = fit(model, mnist.train, epochs=2, layer=k)
         assert after < 0.9 * before, (k, before, after)  # measured: 0.43, 0.39, 0.59 of the start
-    model.active_layer = None
     before = evaluate(model, mnist.train)
     after = fit(model, mnist.train, epochs=2)
     assert after < 0.85 * before, (before, after)  # measured: 316 -> 222

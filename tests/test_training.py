@@ -15,6 +15,7 @@ import torch
 
 from conftest import tiny_network
 from pyrovae.checkpoints import load_checkpoint
+from pyrovae.errors import InputError
 from pyrovae.models import (
     AE, VAE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, VAEConfig,
     config_from_dict, config_to_dict,
@@ -38,9 +39,9 @@ def config(**changes) -> TrainingConfig:
     return TrainingConfig(**{"epochs": 3, "batch_size": BATCH, "progress": False, **changes})
 
 
-def vae(cls=VAE):
+def vae(cls=VAE, **options):
     torch.manual_seed(0)  # every run of a test starts from the same weights
-    return cls(VAEConfig(network=tiny_network()))
+    return cls(VAEConfig(network=tiny_network(), **options))
 
 
 def assert_same_weights(a, b):
@@ -69,15 +70,15 @@ class SignalsAt:
 
 
 class SignallingVAE(SignalsAt, VAE):
-    def guide(self, x, num_data=None):
+    def guide(self, x, num_data=None, batch_size=1):
         self._count()
-        return super().guide(x, num_data)
+        return super().guide(x, num_data, batch_size)
 
 
 class SignallingStackedAE(SignalsAt, StackedAE):
-    def loss(self, x):
+    def loss(self, x, layer=None):
         self._count()
-        return super().loss(x)
+        return super().loss(x, layer)
 
 
 # ---------------------------------------------------------------------- config
@@ -87,9 +88,8 @@ class SignallingStackedAE(SignalsAt, StackedAE):
     "changes",
     [
         {"batch_size": 0}, {"batch_size": -4}, {"epochs": -1}, {"epochs": 1.5}, {"lr": 0.0}, {"lr": float("nan")},
-        {"optimizer": "adamm"}, {"optimizer": "lbfgs"}, {"elbo": "renyi"}, {"lr_schedule": "linear"},
-        {"lr_step_epochs": 0}, {"num_particles": 0}, {"grad_clip": 0.0}, {"kl_warmup_epochs": -1},
-        {"early_stopping_patience": 0}, {"seed": "zero"},
+        {"optimizer": "adamm"}, {"optimizer": "lbfgs"}, {"lr_schedule": "linear"}, {"weight_decay": -1.0},
+        {"lr_step_epochs": 0}, {"grad_clip": 0.0}, {"early_stopping_patience": 0}, {"seed": "zero"},
     ],
 )
 def test_bad_config_values_raise(changes):
@@ -103,7 +103,7 @@ def test_optimizer_names_are_case_insensitive():
 
 
 def test_a_trainer_refuses_models_it_cannot_train_or_name():
-    with pytest.raises(ValueError, match="nothing to train"):
+    with pytest.raises(InputError, match="not a pyrovae.models.base.TrainableModel"):
         Trainer(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="is for models with config class AEConfig"):
         Trainer(StackedAE(StackedAEConfig(network=tiny_network())), model_name="ae")
@@ -116,7 +116,7 @@ def test_a_trainer_refuses_models_it_cannot_train_or_name():
 
 @pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("iwae", 3), ("trace", 2)])
 def test_every_elbo_trains_the_vae(train, val, elbo, particles):
-    history = Trainer(vae(), config(elbo=elbo, num_particles=particles, lr=3e-3)).fit(train, val=val)
+    history = Trainer(vae(elbo=elbo, num_particles=particles), config(lr=3e-3)).fit(train, val=val)
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 50  # nats per image
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 50
@@ -138,22 +138,21 @@ def test_deterministic_models_train_through_the_same_trainer(train, val, name):
     assert len(end_to_end) == 3
     assert end_to_end[-1]["train_loss"] < end_to_end[0]["train_loss"] - 20
     assert end_to_end[-1]["val_loss"] < end_to_end[0]["val_loss"]
-    assert all(row["kl_weight"] is None for row in history)
+    assert all("kl_weight" not in row for row in history)
 
 
 def test_stacked_pretraining_touches_only_the_active_layer(train):
     class Recording(StackedAE):
-        def loss(self, x):
-            if torch.is_grad_enabled() and (not self.snapshots or self.snapshots[-1][0] != self.active_layer):
-                self.snapshots.append((self.active_layer, {k: v.clone() for k, v in self.state_dict().items()}))
-            return super().loss(x)
+        def loss(self, x, layer=None):
+            if torch.is_grad_enabled() and (not self.snapshots or self.snapshots[-1][0] != layer):
+                self.snapshots.append((layer, {k: v.clone() for k, v in self.state_dict().items()}))
+            return super().loss(x, layer)
 
     model = Recording(StackedAEConfig(network=tiny_network(hidden=(32,)), pretrain_epochs=2))
     model.snapshots = []
     history = Trainer(model, config(epochs=1)).fit(train)
     assert [(row["phase"], row["epoch"]) for row in history] == [("pretrain-0", 1), ("pretrain-0", 2), ("pretrain-1", 1), ("pretrain-1", 2), ("train", 1)]
     assert [layer for layer, _ in model.snapshots] == [0, 1, None]
-    assert model.active_layer is None
     states = [state for _, state in model.snapshots] + [model.state_dict()]
 
     def changed(before, after):
@@ -164,21 +163,25 @@ def test_stacked_pretraining_touches_only_the_active_layer(train):
     assert changed(states[2], states[3]) == {"encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"}
 
 
-def test_kl_warmup_rises_linearly_per_step_to_beta(train):
-    class Recording(VAE):
-        def guide(self, x, num_data=None):
-            if torch.is_grad_enabled():
-                self.weights.append(self.kl_weight)
-            return super().guide(x, num_data)
+class RecordingKLWeight(VAE):
+    """Records the KL weight of every training call of the guide."""
 
-    model = Recording(VAEConfig(network=tiny_network(), beta=0.5))
+    def guide(self, x, num_data=None, batch_size=1):
+        if torch.is_grad_enabled():
+            self.weights.append(self.kl_weight)
+        return super().guide(x, num_data, batch_size)
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_kl_warmup_rises_linearly_per_step_and_the_history_has_its_epoch_means(train, val, with_val):
+    """The history's kl_weight is the epoch's mean weight, with or without validation (validation once reset it to beta)."""
+    model = RecordingKLWeight(VAEConfig(network=tiny_network(), beta=0.5, kl_warmup_epochs=2))
     model.weights = []
-    history = Trainer(model, config(kl_warmup_epochs=2)).fit(train)
+    history = Trainer(model, config()).fit(train, val=val if with_val else None)
     assert model.weights == pytest.approx([0.5 * i / 8 for i in range(8)] + [0.5] * 4)
-    assert [row["kl_weight"] for row in history] == pytest.approx([0.5 * 3 / 8, 0.5 * 7 / 8, 0.5])
+    means = [0.5 * sum(range(4)) / 32, 0.5 * sum(range(4, 8)) / 32, 0.5]
+    assert [row["kl_weight"] for row in history] == pytest.approx(means)
     assert model.kl_weight == 0.5
-    with pytest.raises(ValueError, match="kl_weight"):
-        Trainer(AE(AEConfig(network=tiny_network())), config(kl_warmup_epochs=1))
 
 
 # ---------------------------------------------------------------------- run folder
@@ -198,7 +201,7 @@ def test_run_folder_holds_config_metrics_and_checkpoint(tmp_path, train, val):
     assert json.loads((folder / "metrics.json").read_text()) == history
     with open(folder / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert list(rows[0]) == list(HISTORY_COLUMNS)
+    assert list(rows[0]) == ["phase", "epoch", "train_loss", "kl_weight", *HISTORY_COLUMNS[3:]]
     assert [float(row["train_loss"]) for row in rows] == [row["train_loss"] for row in history]
     assert [row["lr"] for row in history] == [1e-3, 5e-4]
 
@@ -261,7 +264,7 @@ class NaNAt(AE):
 
 def test_nonfinite_loss_names_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path, train):
     folder = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"nan at epoch 2, step 2 of 4") as error:
+    with pytest.raises(TrainingError, match=r"non-finite \({'loss': nan}\) at epoch 2, step 2 of 4") as error:
         Trainer(NaNAt(AEConfig(network=tiny_network()), bad={6}), config(), out_dir=folder, model_name="ae").fit(train)
     assert str(folder / "checkpoint.pt") in str(error.value)
     model, state = load_model(folder)
@@ -298,13 +301,14 @@ def test_resume_after_an_epoch_boundary_is_bitwise(tmp_path, train, val):
     assert without_seconds(history) == without_seconds(expected)
 
 
-def test_mid_epoch_interrupt_and_resume_is_bitwise(tmp_path, train, val):
-    """IWAE (vectorized particles), dynamic binarization, KL warm-up, clipping, a schedule: the same bits."""
-    training = config(elbo="iwae", num_particles=2, kl_warmup_epochs=1, grad_clip=50.0, lr_schedule="cosine")
-    reference = vae()
+@pytest.mark.parametrize("options", [{"num_particles": 2, "kl_warmup_epochs": 1}, {"elbo": "iwae", "num_particles": 2}])
+def test_mid_epoch_interrupt_and_resume_is_bitwise(tmp_path, train, val, options):
+    """Vectorized particles (ELBO with KL warm-up, IWAE), dynamic binarization, clipping, a schedule: the same bits."""
+    training = config(grad_clip=50.0, lr_schedule="cosine")
+    reference = vae(**options)
     expected = Trainer(reference, training).fit(train, val=val, dynamic_binarization=True)
 
-    model = vae(SignallingVAE).arm(at=6, sig=signal.SIGTERM)  # epoch 2, step 2
+    model = vae(SignallingVAE, **options).arm(at=6, sig=signal.SIGTERM)  # epoch 2, step 2
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 2 of train epoch 2"):
         Trainer(model, training, out_dir=tmp_path / "run", model_name="vae").fit(train, val=val, dynamic_binarization=True)
@@ -355,7 +359,6 @@ def test_interrupted_fit_continues_in_memory(train):
     trainer = Trainer(model, config(epochs=2, optimizer="rmsprop", lr=1e-3))
     with pytest.raises(KeyboardInterrupt, match="step 2 of pretrain-1 epoch 1"):
         trainer.fit(train)
-    assert model.active_layer is None
     torch.manual_seed(123)  # whatever happens in between does not matter
     history = trainer.fit(train)
     assert_same_weights(model, reference)
@@ -403,4 +406,66 @@ def test_zero_epochs_writes_a_loadable_run_of_the_untrained_model(tmp_path, trai
     assert Trainer(model, config(epochs=0), out_dir=tmp_path).fit(train) == []
     loaded, state = load_model(tmp_path)
     assert_same_weights(loaded, model)
-    assert state["position"]["done"] and state["optimizer_state"] is None
+    assert state["position"]["done"] and state["optimizer_states"] == {}
+
+
+# ---------------------------------------------------------------------- models with several optimizers
+
+
+class TwoOptimizers(AE):
+    """A toy model with two parameter groups updated in turn each step: the encoder on the
+    reconstruction loss, then the decoder, at ten times the rate, on the same loss."""
+
+    def parameter_groups(self):
+        return {"encoder": list(self.encoder.parameters()), "decoder": [{"params": list(self.decoder.parameters()), "lr": 1e-2}]}
+
+    def training_step(self, x, update, progress):
+        first = update("encoder", lambda: self.loss(x))
+        second = update("decoder", lambda: self.loss(x))
+        return {"loss": second, "encoder_loss": first}
+
+
+def test_a_model_with_two_optimizers_trains_checkpoints_and_resumes_bitwise(tmp_path, train, monkeypatch):
+    def model():
+        torch.manual_seed(0)
+        return TwoOptimizers(AEConfig(network=tiny_network()))
+
+    reference = model()
+    expected = Trainer(reference, config()).fit(train)
+    assert [row["train_loss"] < row["encoder_loss"] for row in expected] == [True] * 3  # the decoder step lowered it
+
+    interrupted = model()
+    calls = []
+
+    def loss(x, original=interrupted.loss):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 11:  # epoch 2, step 2, the encoder's update
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(x)
+
+    monkeypatch.setattr(interrupted, "loss", loss)
+    trainer = Trainer(interrupted, config(), out_dir=tmp_path / "run", model_name="ae")
+    with pytest.raises(KeyboardInterrupt, match="step 2 of train epoch 2"):
+        trainer.fit(train)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert set(state["optimizer_states"]) == {"encoder", "decoder"}
+    assert state["optimizer_states"]["decoder"]["param_groups"][0]["lr"] == 1e-2
+    history = trainer.fit(train)  # continues in memory from the saved state
+    assert_same_weights(interrupted, reference)
+    assert without_seconds(history) == without_seconds(expected)
+
+
+def test_a_step_must_update_known_groups_and_report_its_loss_first(train):
+    class WrongGroup(AE):
+        def training_step(self, x, update, progress):
+            return {"loss": update("generator", lambda: self.loss(x))}
+
+    class NoLoss(AE):
+        def training_step(self, x, update, progress):
+            return {"reconstruction": update("model", lambda: self.loss(x))}
+
+    with pytest.raises(InputError, match=r"group 'generator', but its groups are \['model'\]"):
+        Trainer(WrongGroup(AEConfig(network=tiny_network())), config()).fit(train)
+    with pytest.raises(InputError, match="'loss' first"):
+        Trainer(NoLoss(AEConfig(network=tiny_network())), config()).fit(train)

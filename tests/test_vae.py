@@ -10,12 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    SVI, JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO,
+)
 from torch import nn
 from torch.distributions import Normal, constraints, kl_divergence
 
 from conftest import cuda, tiny_network
 from pyrovae.data import batches
+from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, NormalLikelihood
 from pyrovae.models import MODELS, VAE, VAEConfig, build_model, config_from_dict, config_to_dict
 from pyrovae.priors import PRIORS
@@ -229,11 +232,8 @@ def test_num_data_scales_the_whole_loss(images):
 # --------------------------------------------------------------------------- in a user's SVI loop
 
 
-def test_plain_svi_loop_trains_and_keeps_the_param_store_untouched(images):
-    store_before = set(pyro.get_param_store().keys())
+def test_plain_svi_loop_trains_every_parameter_through_the_param_store(images):
     vae = VAE(VAEConfig(network=tiny_network(), prior="mixture"), likelihood=NormalLikelihood(0.3, learn_scale=True))
-    other = make_vae()
-    other_before = {name: t.clone() for name, t in other.state_dict().items()}
     start = {name: p.detach().clone() for name, p in vae.named_parameters()}
     x = images[:64]
     elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
@@ -250,15 +250,133 @@ def test_plain_svi_loop_trains_and_keeps_the_param_store_untouched(images):
     assert after < before - 0.05 * abs(before), (before, after)
     for name, param in vae.named_parameters():
         assert not torch.equal(param, start[name]), f"{name} was not trained"
-    for name, tensor in other.state_dict().items():  # same parameter names, separate tensors
-        assert torch.equal(tensor, other_before[name]), name
-    assert set(pyro.get_param_store().keys()) == store_before
+    store = pyro.get_param_store()
+    for name, param in vae.named_parameters():  # the store holds the module's own tensors
+        part, rest = name.split(".", 1)
+        assert store[f"{vae.name}.{part}$$${rest}"] is param
 
 
-def test_two_instances_share_no_tensors():
+def test_default_names_are_unique_and_a_taken_name_is_refused():
     a, b = make_vae(), make_vae()
-    assert {p.data_ptr() for p in a.parameters()}.isdisjoint(p.data_ptr() for p in b.parameters())
-    assert [name for name, _ in a.named_parameters()] == [name for name, _ in b.named_parameters()]
+    assert a.name != b.name
+    with pytest.raises(InputError, match=f"another VAE in this process is called '{a.name}'"):
+        VAE(VAEConfig(network=tiny_network()), name=a.name)
+    with pytest.raises(InputError, match="without"):
+        VAE(VAEConfig(network=tiny_network()), name="a$$$b")
+    named = VAE(VAEConfig(network=tiny_network()), name="mine")
+    named.guide(torch.rand(2, 1, 28, 28))
+    assert any(key.startswith("mine.encoder$$$") for key in pyro.get_param_store().keys())
+
+
+def test_two_vaes_trained_side_by_side_do_not_interfere(images):
+    """A trained alone, and A trained with B's steps in between (same seeds for A's steps): the same bits."""
+    x = images[:16]
+
+    def steps_of_a(vae, other=None):
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        other_svi = None if other is None else SVI(other.model, other.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        for step in range(5):
+            pyro.set_rng_seed(step)
+            svi.step(x)
+            if other_svi is not None:
+                other_svi.step(1 - x)
+        return {name: t.clone() for name, t in vae.state_dict().items()}
+
+    torch.manual_seed(0)
+    alone = steps_of_a(make_vae())
+    torch.manual_seed(0)
+    a = make_vae()
+    b = make_vae()
+    b.load_state_dict(a.state_dict())  # same weights, same parameter names within the modules
+    b_start = {name: t.clone() for name, t in b.state_dict().items()}
+    beside = steps_of_a(a, other=b)
+    assert all(torch.equal(alone[name], beside[name]) for name in alone)
+    assert not all(torch.equal(b_start[name], t) for name, t in b.state_dict().items())  # B trained too
+
+
+# --------------------------------------------------------------------------- Pyro's tools
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+@pytest.mark.parametrize("elbo_class", [JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO])
+def test_jit_elbos_train_the_vae(elbo_class, images):
+    vae = make_vae()
+    start = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), elbo_class(ignore_jit_warnings=True))
+    losses = [svi.step(images, num_data=1000) for _ in range(30)]
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    assert all(not torch.equal(p, start[name]) for name, p in vae.named_parameters())
+
+
+def test_per_parameter_pyro_optim_settings(images):
+    vae = make_vae()
+    optimizer = pyro.optim.Adam(lambda module_name, param_name: {"lr": 0.0 if module_name.endswith(".decoder") else 1e-2})
+    decoder = {name: p.detach().clone() for name, p in vae.decoder.named_parameters()}
+    encoder = {name: p.detach().clone() for name, p in vae.encoder.named_parameters()}
+    svi = SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
+    for _ in range(3):
+        svi.step(images)
+    assert all(torch.equal(p, decoder[name]) for name, p in vae.decoder.named_parameters())
+    assert all(not torch.equal(p, encoder[name]) for name, p in vae.encoder.named_parameters())
+
+
+def test_pyro_optim_state_save_and_load_continues_training_exactly(images, tmp_path):
+    def run(split: bool):
+        torch.manual_seed(0)
+        vae = make_vae()
+        optimizer = pyro.optim.Adam({"lr": 1e-2})
+        svi = SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
+        pyro.set_rng_seed(1)
+        for step in range(6):
+            if split and step == 3:
+                optimizer.save(tmp_path / "optim.pt")
+                optimizer = pyro.optim.Adam({"lr": 1e-2})
+                optimizer.load(tmp_path / "optim.pt")
+                svi = SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
+            svi.step(images)
+        return vae.state_dict()
+
+    straight, resumed = run(split=False), run(split=True)
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_param_store_save_and_load_round_trip(images, tmp_path):
+    vae = make_vae()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(images)
+    trained = {name: t.clone() for name, t in vae.state_dict().items()}
+    parameter_names = [n for n, _ in vae.named_parameters()]
+    pyro.get_param_store().save(tmp_path / "params.pt")
+
+    name = vae.name  # a new process: a fresh model of the same name, an empty store, then load
+    del vae, svi
+    pyro.clear_param_store()
+    fresh = VAE(VAEConfig(network=tiny_network()), name=name)
+    assert not torch.equal(fresh.state_dict()["decoder.layers.0.weight"], trained["decoder.layers.0.weight"])
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    loss = SVI(fresh.model, fresh.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).evaluate_loss(images)
+    assert math.isfinite(loss)
+    assert all(torch.equal(t, trained[name]) for name, t in fresh.state_dict().items())
+    assert [n for n, _ in fresh.named_parameters()] == parameter_names  # still the module's parameters
+
+
+def test_predictive_generates_images_from_the_prior():
+    vae = make_vae()
+    samples = Predictive(vae.model, num_samples=400)(batch_size=3)
+    assert samples["z"].shape == (400, 3, L)
+    assert samples["x"].shape == (400, 3, 1, 28, 28)
+    assert set(samples["x"].unique().tolist()) <= {0.0, 1.0}
+    with torch.no_grad():  # x | z is Bernoulli(sigmoid(decoder(z))): the pixel means agree
+        expected = torch.sigmoid(vae.decoder(samples["z"])).mean((0, 1))
+    observed = samples["x"].mean((0, 1))
+    assert (observed - expected).abs().max() < 0.1
+
+
+def test_model_returns_the_images_it_scores_or_samples(images):
+    vae = make_vae()
+    assert vae.model(images) is images
+    assert vae.model(batch_size=5).shape == (5, 1, 28, 28)
 
 
 def test_one_pyro_optimizer_can_train_two_instances_independently(images):
@@ -434,8 +552,13 @@ def test_checks_follow_the_likelihood_and_pyro_validation():
     [
         (dict(prior="cauchy"), r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t'\]"),
         (dict(likelihood="poisson"), "unknown likelihood 'poisson'; choose from"),
-        (dict(beta=-1.0), "beta must be non-negative"),
-        (dict(beta=math.nan), "beta must be non-negative"),
+        (dict(beta=-1.0), "beta must be a non-negative number"),
+        (dict(beta=math.nan), "beta must be a non-negative number"),
+        (dict(elbo="renyi"), "unknown elbo 'renyi'"),
+        (dict(num_particles=0), "num_particles must be a positive integer"),
+        (dict(kl_warmup_epochs=-1), "kl_warmup_epochs must be a non-negative integer"),
+        (dict(elbo="iwae", beta=0.5), r"IWAE bound .* beta=1 and no KL warm-up"),
+        (dict(elbo="iwae", kl_warmup_epochs=2), r"IWAE bound .* beta=1 and no KL warm-up"),
         (dict(network=dict(latent_dim=0)), "latent_dim must be a positive integer"),
     ],
 )

@@ -13,12 +13,12 @@ from .autoencoders import (
     StackedAE,
     StackedAEConfig,
 )
-from .base import AutoencoderMixin, config_to_dict
+from .base import AutoencoderMixin, Phase, Progress, TrainableModel, Update, config_to_dict
 from .vae import VAE, VAEConfig
 
 __all__ = [
     "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
-    "DenoisingAEConfig", "VAE", "VAEConfig", "AutoencoderMixin", "MODELS", "build_model", "config_from_dict",
+    "DenoisingAEConfig", "VAE", "VAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
     "config_to_dict",
 ]
 

@@ -3,11 +3,12 @@
 Each has ``loss(x)``: a scalar, the mean over the batch of a per-image loss summed over
 pixels (nats for ``"bce"``, so it reads on the scale of a negative ELBO). Like the VAE,
 ``loss`` checks its input while Pyro validation is on (``pyro.validation_enabled(False)``
-turns that off once the data was checked).
+turns that off once the data was checked). Their training step is one optimizer step of
+``loss`` on the single parameter group ``"model"`` (see :mod:`pyrovae.models.base`).
 
 * :class:`AE`: reconstruction loss only.
 * :class:`SparseAE`: sigmoid codes ``rho_hat`` and ``weight * sum_j KL(rho || mean_batch rho_hat_j)``.
-* :class:`StackedAE`: greedy layer-wise pretraining (``active_layer = k`` trains the k-th
+* :class:`StackedAE`: greedy layer-wise pretraining (phase ``"pretrain-k"`` trains the k-th
   encoder layer with its mirror decoder layer as a shallow autoencoder), then end to end.
 * :class:`DenoisingAE`: corrupt the input (Gaussian noise, masking noise) when training;
   the loss is against the clean input.
@@ -25,11 +26,15 @@ from torch.distributions import constraints
 
 from ..errors import InputError
 from ..nets import MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
-from .base import AutoencoderMixin
+from .base import AutoencoderMixin, Phase, Progress, Update
 
 __all__ = ["AEConfig", "SparseAEConfig", "StackedAEConfig", "DenoisingAEConfig", "AE", "SparseAE", "StackedAE", "DenoisingAE"]
 
 RECONSTRUCTION_LOSSES = ("bce", "mse")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,14 @@ class AE(AutoencoderMixin, nn.Module):
         """The loss of each kind of autoencoder, on an input already checked."""
         return self.reconstruction_loss(self.decoder(self.encode(x)), x)
 
+    def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor]:
+        """One optimizer step of :meth:`loss` on ``x: (B, C, H, W)``."""
+        return {"loss": update("model", lambda: self.loss(x))}
+
+    def validation_loss(self, x: Tensor) -> Tensor:
+        """:meth:`loss` on ``x: (B, C, H, W)`` (in eval mode: the denoising AE does not corrupt)."""
+        return self.loss(x)
+
 
 class SparseAE(AE):
     """Sparse autoencoder: sigmoid codes and a KL(rho || rho_hat_j) penalty on their batch means."""
@@ -176,9 +189,10 @@ class DenoisingAE(AE):
 class StackedAE(AE):
     """Stacked autoencoder with greedy layer-wise pretraining.
 
-    With ``active_layer = k`` (``0 <= k < pretrain_layers``), ``loss(x)`` trains encoder layer
-    ``k`` and its mirror decoder layer as a shallow autoencoder of the (fixed) activations of the
-    layers below; with ``active_layer = None`` it is the end-to-end loss.
+    Its phases are ``"pretrain-0"``, ``"pretrain-1"``, ... (``config.pretrain_epochs`` each, one
+    per encoder layer), then ``"train"``. ``loss(x, layer=k)`` trains encoder layer ``k`` and its
+    mirror decoder layer as a shallow autoencoder of the (fixed) activations of the layers below;
+    ``loss(x)`` is the end-to-end loss.
     """
 
     config_class = StackedAEConfig
@@ -189,18 +203,30 @@ class StackedAE(AE):
             raise InputError("the stacked autoencoder needs the MLP encoder and decoder")
         if len(self.encoder.layers) != len(self.decoder.layers):
             raise InputError("the encoder and decoder must have mirrored layers")
-        self.active_layer: int | None = None
 
-    @property
-    def pretrain_layers(self) -> int:
-        return len(self.encoder.layers) if self.config.pretrain_epochs > 0 else 0
+    def training_phases(self, epochs: int) -> list[Phase]:
+        """``config.pretrain_epochs`` epochs for each layer, ``"pretrain-k"``, then ``epochs`` end to end."""
+        pretrain = [Phase(f"pretrain-{k}", self.config.pretrain_epochs) for k in range(len(self.encoder.layers))]
+        return [*(pretrain if self.config.pretrain_epochs > 0 else []), Phase("train", epochs)]
 
-    def _loss(self, x: Tensor) -> Tensor:
-        if self.active_layer is None:
-            return super()._loss(x)
-        k, last = self.active_layer, len(self.encoder.layers) - 1
-        if not isinstance(k, int) or not 0 <= k <= last:
-            raise InputError(f"active_layer must be None or a layer index 0..{last}, got {k!r}")
+    def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor]:
+        """One optimizer step of the current phase's loss: a layer alone, or the whole network."""
+        layer = int(progress.phase.removeprefix("pretrain-")) if progress.phase.startswith("pretrain-") else None
+        return {"loss": update("model", lambda: self.loss(x, layer=layer))}
+
+    def loss(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """The loss on ``x: (B, C, H, W)`` of encoder layer ``layer`` pretrained alone, or end to end (``None``)."""
+        if is_validation_enabled():
+            self.check_input(x)
+        if layer is None:
+            return self._loss(x)
+        last = len(self.encoder.layers) - 1
+        if not _is_int(layer) or not 0 <= layer <= last:
+            raise InputError(f"layer must be None or a layer index 0..{last}, got {layer!r}")
+        return self._layer_loss(x, layer)
+
+    def _layer_loss(self, x: Tensor, k: int) -> Tensor:
+        last = len(self.encoder.layers) - 1
         enc, dec = self.encoder, self.decoder
         with torch.no_grad():  # the layers below are fixed: their output is the input of this one
             h = x.flatten(1)

@@ -1,13 +1,31 @@
-"""What every model offers: ``encode``, ``decode``, ``reconstruct`` and its ``config``.
+"""What every model offers: the training interface the Trainer uses, and ``encode`` / ``decode``.
 
 Shapes: images ``x`` are ``(B, C, H, W)`` (``C, H, W = config.network.input_shape``), codes
 ``z`` are ``(B, L)``. ``decode`` returns images in data space (probabilities for a Bernoulli
 likelihood or BCE loss, means otherwise), never logits.
+
+**Training interface.** :class:`TrainableModel` is all that :class:`pyrovae.training.Trainer`
+knows of a model; adding a model never edits the loop:
+
+* :meth:`~TrainableModel.parameter_groups`: one optimizer per entry, built by the Trainer with
+  the training config's optimizer and learning rate (a group may carry its own ``lr``, as in
+  torch's per-group dicts);
+* :meth:`~TrainableModel.training_phases`: the phases of a run, each with fresh optimizers
+  (one phase, ``"train"``, for most models);
+* :meth:`~TrainableModel.training_step`: one step on a batch; the model says which losses
+  update which group, through ``update(group, compute_loss)``, and the Trainer does the rest
+  (zeroing, backward, clipping, gradient averaging across processes, the optimizer's step);
+* :meth:`~TrainableModel.validation_loss`: the loss per example on held-out images.
+
+A model that needs several optimizers per step (an adversarial autoencoder: reconstruction,
+then discriminator, then generator) calls ``update`` once per group, in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -15,10 +33,72 @@ from torch import Tensor
 from ..errors import InputError
 from ..likelihoods import check_observations
 
-__all__ = ["AutoencoderMixin", "config_to_dict"]
+__all__ = ["TrainableModel", "AutoencoderMixin", "Phase", "Progress", "Update", "config_to_dict"]
 
 
-class AutoencoderMixin:
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with its own optimizers: ``epochs`` epochs called ``name``."""
+
+    name: str
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands when a step starts.
+
+    num_data:    images in the whole training set (across all processes): the ELBO's scale.
+    phase:       the name of the current :class:`Phase`.
+    epochs_done: epochs of this phase completed before this step, fractional (KL warm-up reads it).
+    """
+
+    num_data: int
+    phase: str = "train"
+    epochs_done: float = 0.0
+
+
+class Update(Protocol):
+    """``update(group, compute_loss) -> loss``: one optimizer step of parameter group ``group``.
+
+    ``compute_loss()`` returns the loss per example, a scalar. If it still requires grad, the
+    caller runs ``backward``; otherwise ``compute_loss`` has already filled the gradients (as
+    Pyro's ``RenyiELBO.loss_and_grads`` does). Gradients of the group are zeroed first. Returns the
+    loss, detached.
+    """
+
+    def __call__(self, group: str, compute_loss: Callable[[], Tensor]) -> Tensor: ...
+
+
+class TrainableModel:
+    """The interface of every model the Trainer trains (see the module docs).
+
+    Subclasses define :meth:`training_step` and :meth:`validation_loss`; the defaults give one
+    parameter group, ``"model"``, with all parameters, and one phase.
+    """
+
+    def parameter_groups(self) -> dict[str, list]:
+        """Group name -> what a torch optimizer takes: parameters, or torch's per-group dicts."""
+        return {"model": list(self.parameters())}
+
+    def training_phases(self, epochs: int) -> list[Phase]:
+        """The phases of a run of ``epochs`` end-to-end epochs, in order."""
+        return [Phase("train", epochs)]
+
+    def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor | float]:
+        """Train on the batch ``x: (B, C, H, W)``; return the step's figures, ``"loss"`` (per example) first.
+
+        Every figure (a scalar tensor or float) becomes a column of the history, averaged over
+        the epoch's images.
+        """
+        raise NotImplementedError
+
+    def validation_loss(self, x: Tensor) -> Tensor:
+        """The loss per example on ``x: (B, C, H, W)``, a scalar; called in eval mode without gradients."""
+        raise NotImplementedError
+
+
+class AutoencoderMixin(TrainableModel):
     """Shared interface of the VAE and the deterministic autoencoders.
 
     Subclasses set ``config`` (a frozen dataclass with a ``network`` field) and ``support``
@@ -27,8 +107,6 @@ class AutoencoderMixin:
 
     config: object
     support: object = None
-    #: number of layers pretrained greedily before end-to-end training (the stacked AE only)
-    pretrain_layers: int = 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:

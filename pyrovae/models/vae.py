@@ -1,112 +1,137 @@
-"""The variational autoencoder as a Pyro program: ``model(x)`` and ``guide(x)``.
+"""The variational autoencoder as a Pyro program: ``model(x=None, ...)`` and ``guide(x, ...)``.
 
-Generative model, for each of the B images in the batch::
+Generative model, for each of the B images of a batch::
 
     z ~ p(z)                      prior, event shape (L,)
-    x ~ p(x | decoder(z))         likelihood, event shape (C, H, W)
+    x ~ p(x | decoder(z))         likelihood, event shape (C, H, W); observed when x is given
 
 Guide (amortised variational posterior)::
 
     z ~ Normal(loc(x), scale(x))  diagonal Gaussian from the encoder
 
-Train it with any Pyro ELBO, inside your own loop::
+Train it with any Pyro ELBO (the JIT ones too) and any ``pyro.optim`` optimizer, in your own loop::
 
     vae = VAE(VAEConfig())
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     for x in batches:
         svi.step(x, num_data=60000)
 
-``num_data`` scales the batch to the dataset size (a minibatch estimate of the full ELBO);
-``kl_weight`` (beta) scales the latent site in both model and guide, which multiplies the KL term
-(a weight of 0 masks the site: only the reconstruction term is left).
+``num_data`` is the size of the dataset the batch comes from: the plate over images has that
+size and the batch as its subsample, so Pyro scales the batch to a minibatch estimate of the full
+ELBO. Without ``x`` the model generates: ``Predictive(vae.model, num_samples=16)(batch_size=1)``
+draws ``z`` and ``x``. ``kl_weight`` (beta, ``config.beta``) scales the latent site in both
+model and guide, which multiplies the KL term (a weight of 0 masks the site).
+
+**Parameters, the Pyro way.** The model and guide declare their networks with
+``pyro.module(f"{name}.decoder", decoder, update_module_params=True)`` (and likewise the
+encoder, and a prior or likelihood that has parameters), so every parameter lives in Pyro's
+param store under a name such as ``"vae.decoder$$$layers.0.weight"``. The store holds the very
+tensors of the modules: SVI, the JIT ELBOs, per-parameter ``pyro.optim`` settings
+(``module_name`` is ``"vae.decoder"``), ``pyro.optim`` state save/load and the param store's own
+save/load all work, and so do ``state_dict`` and torch optimizers. The rule:
+
+* each VAE has its own ``name``, the prefix of its parameters' names. By default the first VAE of a
+  process is ``"vae"``, the next ``"vae_1"``, and so on; default names are never reused within a
+  process, so two VAEs never share parameters, even after one is gone. A name given with
+  ``name=`` is refused while another live VAE has it.
+* as in Pyro, the param store wins over the module when they disagree: after
+  ``pyro.get_param_store().load(path)``, the next call of ``model`` or ``guide`` takes the loaded
+  parameters into the modules. Use ``name=`` to find a model's parameters again in another
+  process.
+
+Why: a private, module-local parameter scheme (our first design) kept the store empty, and with
+it broke every Pyro tool that looks parameters up there; a name shared by two models would make
+them train one set of weights. ``copy.deepcopy`` keeps the name: build a new VAE and
+``load_state_dict`` to have a second, independent one.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.nn import PyroModule
-from pyro.poutine.runtime import effectful
 from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
-from torch.distributions import constraints
 
 from ..errors import InputError
 from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..nets import NetworkConfig, build_decoder, build_encoder
 from ..priors import PRIORS, check_prior, make_prior
-from .base import AutoencoderMixin
+from .base import AutoencoderMixin, Progress, Update
 
-__all__ = ["VAE", "VAEConfig", "declare_parameters"]
+__all__ = ["VAE", "VAEConfig", "ELBOS"]
+
+#: the objectives :meth:`VAE.training_step` can use: Trace_ELBO, TraceMeanField_ELBO, the IWAE bound
+ELBOS = ("trace", "meanfield", "iwae")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """network: the shared architecture; prior / likelihood: built-in names; beta: the KL weight."""
+    """The VAE and its training objective.
+
+    network:          the shared architecture.
+    prior:            a built-in prior's name (:data:`pyrovae.priors.PRIORS`); or pass ``prior=`` to :class:`VAE`.
+    likelihood:       a built-in likelihood's name (:data:`pyrovae.likelihoods.LIKELIHOODS`).
+    beta:             the KL weight.
+    elbo:             ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic KL where
+                      known) or ``"iwae"`` (RenyiELBO with alpha=0: the IWAE bound of each image).
+    num_particles:    samples of z per image in the objective (k of the IWAE bound), vectorized.
+    kl_warmup_epochs: raise the KL weight linearly, step by step, from 0 to ``beta`` over this many epochs.
+
+    The IWAE bound is a log-mean-exp over particles of whole log-weights; a weight on the KL part
+    inside it would change the bound itself, so ``elbo="iwae"`` needs ``beta=1`` and no warm-up.
+    """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
     prior: str = "normal"
     likelihood: str = "bernoulli"
     beta: float = 1.0
+    elbo: str = "trace"
+    num_particles: int = 1
+    kl_warmup_epochs: int = 0
 
     def __post_init__(self):
         if isinstance(self.network, dict):
             object.__setattr__(self, "network", NetworkConfig(**self.network))
-        if not self.beta >= 0:
-            raise InputError(f"beta must be non-negative, got {self.beta}")
+        if not isinstance(self.beta, (int, float)) or not self.beta >= 0:
+            raise InputError(f"beta must be a non-negative number, got {self.beta!r}")
         if self.prior not in PRIORS:
             raise InputError(f"unknown prior {self.prior!r}; choose from {sorted(PRIORS)} (or pass prior= to VAE)")
         if self.likelihood not in LIKELIHOODS:
             raise InputError(
                 f"unknown likelihood {self.likelihood!r}; choose from {sorted(LIKELIHOODS)} (or pass likelihood= to VAE)"
             )
+        if self.elbo not in ELBOS:
+            raise InputError(f"unknown elbo {self.elbo!r}; choose from {ELBOS}")
+        if not _is_int(self.num_particles) or self.num_particles <= 0:
+            raise InputError(f"num_particles must be a positive integer, got {self.num_particles!r}")
+        if not _is_int(self.kl_warmup_epochs) or self.kl_warmup_epochs < 0:
+            raise InputError(f"kl_warmup_epochs must be a non-negative integer, got {self.kl_warmup_epochs!r}")
+        if self.elbo == "iwae" and (self.beta != 1 or self.kl_warmup_epochs):
+            raise InputError(
+                "the IWAE bound (elbo='iwae') is defined with beta=1 and no KL warm-up: a weight inside its "
+                f"log-mean-exp changes the bound (got beta={self.beta}, kl_warmup_epochs={self.kl_warmup_epochs})"
+            )
 
 
-def _own_value(name, value, constraint=None, event_dim=None):
-    return value
-
-
-_param_site = effectful(_own_value, type="param")
-# module -> (prefix, [(site name, parameter)]): walking the module tree on every step costs more
-# than the rest of declare_parameters; a memo, not state (entries vanish with their modules)
-_SITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _parameter_sites(module: nn.Module, prefix: str) -> list:
-    """``[(prefix.name, parameter)]`` of ``module``, without the parameters of PyroModules inside it."""
-    sites = []
-    for module_name, submodule in module.named_modules(prefix=prefix):
-        if isinstance(submodule, PyroModule):
-            continue
-        for name, param in submodule.named_parameters(prefix=module_name, recurse=False):
-            if not hasattr(param, "unconstrained"):  # what SVI reads back; identity for real params
-                param.unconstrained = weakref.ref(param)
-            sites.append((name, param))
-    return sites
-
-
-def declare_parameters(module: nn.Module, prefix: str) -> None:
-    """Record the parameters of ``module`` as Pyro ``param`` sites named ``prefix.name``.
-
-    The value of each site is the module's own tensor: ``SVI`` with a ``pyro.optim`` optimizer
-    finds and updates them, while nothing enters Pyro's global param store, so two models
-    never share parameters by name. PyroModules declare their own parameters and are skipped.
-    The list of parameters is gathered on the first call for each module; a parameter
-    added to it later, inside, goes undeclared (assign a new module instead).
-    """
-    if not isinstance(module, nn.Module):
-        return
-    cached = _SITES.get(module)
-    if cached is None or cached[0] != prefix:
-        cached = _SITES[module] = (prefix, _parameter_sites(module, prefix))
-    for name, param in cached[1]:
-        _param_site(name, param, constraint=constraints.real, event_dim=None, name=name)
+def _build_elbo(config: VAEConfig):
+    """The Pyro ELBO of ``config``; one plate (the images), so no plate discovery is needed."""
+    options = dict(num_particles=config.num_particles, vectorize_particles=config.num_particles > 1, max_plate_nesting=1)
+    if config.elbo == "iwae":
+        return RenyiELBO(alpha=0, **options)
+    return (Trace_ELBO if config.elbo == "trace" else TraceMeanField_ELBO)(**options)
 
 
 def _scaled(scale: float):
@@ -116,23 +141,47 @@ def _scaled(scale: float):
     return poutine.mask(mask=False) if scale == 0 else poutine.scale(scale=scale)
 
 
+_default_names = itertools.count()
+#: name -> the live VAE that has it; a memo of names in use, not state (entries vanish with their models)
+_live_names: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _new_name() -> str:
+    while True:
+        index = next(_default_names)
+        name = "vae" if index == 0 else f"vae_{index}"
+        if name not in _live_names:
+            return name
+
+
 class VAE(AutoencoderMixin, PyroModule):
     """A VAE whose ``model`` and ``guide`` are Pyro programs over a batch ``x: (B, C, H, W)``.
 
     ``prior``, ``likelihood``, ``encoder`` and ``decoder`` default to what ``config`` names;
     pass your own to replace them (see :mod:`pyrovae.priors` and :mod:`pyrovae.likelihoods`).
-    The encoder must return ``(loc, scale)``, each ``(B, L)``; the decoder ``(B, L) -> (B, C, H, W)``.
+    The encoder must return ``(loc, scale)``, each ``(B, L)``; the decoder ``(..., L) -> (..., C, H, W)``.
+    ``name`` prefixes the names of its parameters in Pyro's param store (see the module docs).
     """
 
-    def __init__(self, config: VAEConfig | None = None, *, prior=None, likelihood=None, encoder=None, decoder=None):
-        super().__init__()
+    def __init__(self, config: VAEConfig | None = None, *, prior=None, likelihood=None, encoder=None, decoder=None, name: str | None = None):
+        if name is not None and (not isinstance(name, str) or not name or "$$$" in name):
+            raise InputError(f"name must be a non-empty string without '$$$', got {name!r}")
+        if name is not None and name in _live_names:
+            raise InputError(f"another VAE in this process is called {name!r}: the two would share parameters; choose another name")
+        name = name if name is not None else _new_name()
+        super().__init__(name=name)
+        _live_names[name] = self
+        self.name = name
         self.config = config = config or VAEConfig()
+        if not isinstance(config, VAEConfig):
+            raise InputError(f"VAE needs a VAEConfig, got {type(config).__name__}")
         net = config.network
         self.encoder = encoder if encoder is not None else build_encoder(net, gaussian=True)
         self.decoder = decoder if decoder is not None else build_decoder(net)
         self.prior = prior if prior is not None else make_prior(config.prior, net.latent_dim)
         self.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
         self.kl_weight = float(config.beta)
+        self.elbo = _build_elbo(config)
         check_prior(self.prior, net.latent_dim)
         self._check_likelihood()
 
@@ -152,29 +201,93 @@ class VAE(AutoencoderMixin, PyroModule):
                 f"{tuple(d.batch_shape)} and {tuple(d.event_shape)}; use .to_event(3) on a per-pixel distribution"
             )
 
-    def model(self, x: Tensor, num_data: int | None = None) -> None:
-        """p(x, z) = p(z) p(x|z) for ``x: (B, C, H, W)``; the batch stands for ``num_data`` images."""
-        if is_validation_enabled():
-            self.check_input(x)
-        declare_parameters(self.decoder, "decoder")
-        declare_parameters(self.likelihood, "likelihood")
-        declare_parameters(self.prior, "prior")
-        batch_size = x.shape[0]
-        with pyro.plate("data", batch_size, device=x.device), _scaled((num_data or batch_size) / batch_size):
+    # ------------------------------------------------------------------ the Pyro program
+
+    def _declare(self, *parts: str) -> None:
+        """Register the parameters of ``self.<part>`` in Pyro's param store, as ``<name>.<part>$$$<parameter>``.
+
+        PyroModules (a user's prior, say) declare their own parameters; functions have none.
+        """
+        for part in parts:
+            module = getattr(self, part)
+            if isinstance(module, nn.Module) and not isinstance(module, PyroModule):
+                pyro.module(f"{self.name}.{part}", module, update_module_params=True)
+
+    def _images_plate(self, batch_size: int, num_data: int | None, device):
+        """The plate over images: ``batch_size`` of them, standing for ``num_data`` (scale ``num_data / batch_size``)."""
+        if num_data is None or num_data == batch_size:
+            return pyro.plate("data", batch_size, device=device)
+        return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), device=device)
+
+    def model(self, x: Tensor | None = None, num_data: int | None = None, batch_size: int = 1) -> Tensor:
+        """p(x, z) = p(z) p(x|z): scores ``x: (B, C, H, W)``, or samples ``batch_size`` images without it.
+
+        ``num_data``: the size of the dataset the batch stands for (default: the batch itself).
+        Returns the images, ``(B, C, H, W)`` (``x`` itself when given).
+        """
+        if x is not None:
+            if is_validation_enabled():
+                self.check_input(x)
+            batch_size = x.shape[0]
+        self._declare("decoder", "likelihood", "prior")
+        with self._images_plate(batch_size, num_data, x.device if x is not None else self.device):
             with _scaled(self.kl_weight):
                 z = pyro.sample("z", self.prior())  # (B, L)
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+            return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (B, C, H, W)
 
-    def guide(self, x: Tensor, num_data: int | None = None) -> None:
-        """q(z|x) = Normal(loc(x), scale(x)) for ``x: (B, C, H, W)``."""
+    def guide(self, x: Tensor, num_data: int | None = None, batch_size: int = 1) -> Tensor:
+        """q(z|x) = Normal(loc(x), scale(x)) for ``x: (B, C, H, W)``; returns ``z: (B, L)``."""
         if is_validation_enabled():
             self.check_input(x)
-        declare_parameters(self.encoder, "encoder")
-        batch_size = x.shape[0]
-        with pyro.plate("data", batch_size, device=x.device), _scaled((num_data or batch_size) / batch_size):
+        self._declare("encoder")
+        with self._images_plate(x.shape[0], num_data, x.device):
             loc, scale = self.encoder(x)  # (B, L) each
             with _scaled(self.kl_weight):
-                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------------ training interface
+
+    @contextmanager
+    def _kl_weight_set(self, weight: float):
+        """Use the KL weight ``weight`` inside, ``config.beta`` again after."""
+        self.kl_weight = weight
+        try:
+            yield
+        finally:
+            self.kl_weight = float(self.config.beta)
+
+    def _loss(self, x: Tensor, num_data: int | None) -> Tensor:
+        """The objective's loss per example on ``x: (B, C, H, W)``, standing for ``num_data`` images.
+
+        Trace ELBOs return a differentiable loss (the caller runs backward); RenyiELBO offers
+        ``loss_and_grads`` only and runs unscaled (a scale inside its log-mean-exp would change
+        the bound), so its gradients are filled here and the returned loss is detached.
+        """
+        if isinstance(self.elbo, RenyiELBO):
+            value = self.elbo.loss_and_grads(self.model, self.guide, x) if torch.is_grad_enabled() else self.elbo.loss(self.model, self.guide, x)
+            for param in self.parameters():
+                if param.grad is not None:
+                    param.grad.div_(len(x))
+            return torch.tensor(value / len(x), device=x.device)
+        n = num_data or len(x)
+        return self.elbo.differentiable_loss(self.model, self.guide, x, num_data=n) / n
+
+    def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor | float]:
+        """One step of the configured ELBO on ``x: (B, C, H, W)``, the batch standing for ``progress.num_data`` images.
+
+        Figures: ``loss`` (the negative ELBO per image) and ``kl_weight`` (beta after warm-up).
+        """
+        warmup = self.config.kl_warmup_epochs
+        weight = float(self.config.beta) * (min(1.0, progress.epochs_done / warmup) if warmup else 1.0)
+        with self._kl_weight_set(weight):
+            loss = update("model", lambda: self._loss(x, progress.num_data))
+        return {"loss": loss, "kl_weight": weight}
+
+    def validation_loss(self, x: Tensor) -> Tensor:
+        """The configured objective's loss per image on ``x: (B, C, H, W)``, with the full KL weight."""
+        return self._loss(x, None).detach()
+
+    # ------------------------------------------------------------------ using a trained model
 
     def encode(self, x: Tensor) -> Tensor:
         """The posterior mean ``(B, L)`` of ``x: (B, C, H, W)``."""

@@ -1,0 +1,95 @@
+"""How to train: :class:`TrainingConfig`, and the optimizers and schedules it can name."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+__all__ = ["TrainingConfig", "OPTIMIZERS", "LR_SCHEDULES"]
+
+LR_SCHEDULES = (None, "cosine", "step")
+#: torch.optim classes by lower-case name; LBFGS (needs a closure) and SparseAdam (sparse gradients only) are left out
+OPTIMIZERS = {
+    name.lower(): cls
+    for name, cls in vars(torch.optim).items()
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+    and cls not in (torch.optim.Optimizer, torch.optim.LBFGS, torch.optim.SparseAdam)
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How to train; every field is checked on construction (an :class:`~pyrovae.errors.InputError` names the problem).
+
+    What a step computes is the model's business (its config: the VAE's ELBO, KL warm-up, ...);
+    this is the loop's: time, optimizers and failure.
+
+    epochs:          epochs of end-to-end training (a model may add phases before, see
+                     :meth:`pyrovae.models.base.TrainableModel.training_phases`).
+    batch_size:      images per step.
+    lr:              learning rate (a model's parameter group may set its own).
+    optimizer:       an :data:`OPTIMIZERS` name, any case (``"adam"``, ``"AdamW"``, ``"sgd"``, ...).
+    weight_decay:    the optimizer's weight decay (L2 for Adam, decoupled for AdamW).
+    lr_schedule:     ``None``; ``"cosine"`` (cosine decay to 0 over the epochs of each phase);
+                     ``"step"`` (halve the rate every ``lr_step_epochs`` epochs).
+    grad_clip:       largest global gradient norm of each parameter group, or ``None``.
+    early_stopping_patience: stop after this many epochs without a better validation loss (needs ``val``).
+    skip_nonfinite:  skip (and count) steps whose loss is NaN or infinite instead of raising
+                     :class:`~pyrovae.training.TrainingError`; this reads the loss every step (a device sync on CUDA).
+    seed:            seeds torch's global RNG and the batch order when a run starts.
+    progress:        show a tqdm bar per epoch with the running loss.
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str | None = None
+    lr_step_epochs: int = 10
+    grad_clip: float | None = None
+    early_stopping_patience: int | None = None
+    skip_nonfinite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if not _is_int(self.epochs) or self.epochs < 0:
+            raise InputError(f"epochs must be a non-negative integer, got {self.epochs!r}")
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
+            raise InputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not _is_number(self.lr) or not 0 < self.lr < math.inf:
+            raise InputError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.optimizer, str) and self.optimizer.lower() in ("lbfgs", "sparseadam"):
+            raise InputError(
+                f"optimizer {self.optimizer!r} is not supported (LBFGS needs a closure, SparseAdam sparse gradients); "
+                f"choose from {sorted(OPTIMIZERS)}"
+            )
+        if not isinstance(self.optimizer, str) or self.optimizer.lower() not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose from {sorted(OPTIMIZERS)}")
+        object.__setattr__(self, "optimizer", self.optimizer.lower())
+        if not _is_number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise InputError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"unknown lr_schedule {self.lr_schedule!r}; choose from {LR_SCHEDULES}")
+        if not _is_int(self.lr_step_epochs) or self.lr_step_epochs <= 0:
+            raise InputError(f"lr_step_epochs must be a positive integer, got {self.lr_step_epochs!r}")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or not 0 < self.grad_clip < math.inf):
+            raise InputError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        patience = self.early_stopping_patience
+        if patience is not None and (not _is_int(patience) or patience <= 0):
+            raise InputError(f"early_stopping_patience must be a positive integer or None, got {patience!r}")
+        if not _is_int(self.seed):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")

@@ -1,0 +1,110 @@
+"""A run folder: what a run writes, and how a model is rebuilt from it.
+
+``config.json`` (written before training: model name and config, training config, metadata),
+``metrics.csv`` and ``metrics.json`` (the history, after every epoch), ``checkpoint.pt``
+(after every epoch, and on an interrupt; see :mod:`pyrovae.checkpoints`) and, when TensorBoard
+is installed, ``tensorboard/``. Every file but TensorBoard's is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..checkpoints import CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
+from ..devices import resolve_device
+from ..models import build_model, config_from_dict, config_to_dict
+
+__all__ = ["RunFolder", "load_model", "CHECKPOINT_FILE", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSON"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+METRICS_CSV = "metrics.csv"
+METRICS_JSON = "metrics.json"
+
+
+class RunFolder:
+    """The files of one run in ``path`` (see the module docs)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._tensorboard = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    def write_config(self, config: dict) -> None:
+        write_text_atomic(self.path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+    def write_history(self, history: list[dict]) -> None:
+        """metrics.json, metrics.csv (columns in the order of the first row) and the last row to TensorBoard."""
+        write_text_atomic(self.path / METRICS_JSON, json.dumps(history, indent=2) + "\n")
+        text = io.StringIO()
+        columns = list(history[0]) if history else []
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+        write_text_atomic(self.path / METRICS_CSV, text.getvalue())
+        if self._tensorboard is not None and history:
+            row = history[-1]
+            for key, value in row.items():
+                if isinstance(value, float) and key not in ("seconds", "best_val_loss"):
+                    self._tensorboard.add_scalar(f"{row['phase']}/{key}", value, row["epoch"])
+
+    def save_checkpoint(self, state: dict) -> None:
+        save_checkpoint(self.checkpoint, state)
+
+    @contextmanager
+    def tensorboard(self):
+        """Scalars go to ``tensorboard/`` inside, when TensorBoard is installed (it is optional)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            yield
+            return
+        self._tensorboard = SummaryWriter(str(self.path / "tensorboard"))
+        try:
+            yield
+        finally:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def load_model(path, model=None, device="cpu"):
+    """Rebuild the model saved in ``path`` (a run folder or a checkpoint file) and load its weights.
+
+    The model comes from the checkpoint's model name and config (:func:`pyrovae.models.build_model`);
+    pass ``model`` to load the weights into that one instead, after checking that it is the same
+    kind of model with the same config. Returns ``(model, checkpoint dict)``, the model on ``device``.
+    Raises :class:`CheckpointError` when the checkpoint is unusable or does not fit.
+    """
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if path.is_dir() and not file.exists():
+        raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE}: not a run folder, or its training never started")
+    state = load_checkpoint(file)
+    missing = [key for key in ("model_name", "model_config", "model_state") if key not in state]
+    if missing:
+        raise CheckpointError(f"{file} holds no model: it lacks {missing}")
+    name = state["model_name"]
+    try:
+        config = config_from_dict(name, state["model_config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{file} records a model that cannot be rebuilt ({name!r}): {error}") from None
+    if model is None:
+        model = build_model(name, config)
+    elif type(model.config) is not type(config) or config_to_dict(model.config) != config_to_dict(config):
+        raise CheckpointError(
+            f"{file} holds a {name!r} model with config {config_to_dict(config)}, which does not match the "
+            f"{type(model).__name__} given, with config {config_to_dict(model.config)}"
+        )
+    try:
+        model.load_state_dict(state["model_state"])
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointError(f"the weights in {file} do not fit the {name!r} model of its config: {reason}") from None
+    return model.to(resolve_device(device)), state

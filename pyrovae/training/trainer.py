@@ -1,0 +1,553 @@
+"""The training loop: epochs of minibatches, one optimizer per parameter group, checkpoints, history.
+
+The loop knows models only through :class:`pyrovae.models.base.TrainableModel`: their parameter
+groups (one optimizer each), phases, training step and validation loss. For every step the model
+calls ``update(group, compute_loss)`` once per group it trains, and the loop does the rest: zero
+the group's gradients, ``backward``, clip (``grad_clip``), the optimizer's step. The VAE's step
+is a Pyro ELBO, an autoencoder's one loss, an adversarial autoencoder's three updates in a row.
+Losses are per example, for every model, so ``lr`` and ``grad_clip`` mean the same thing for all.
+
+Speed: the data stays one tensor on the model's device, sliced by :func:`pyrovae.data.batches`;
+it is checked once with ``model.check_input`` before training, after which steps run with Pyro's
+validation off; the step's figures stay on the device and are read about once a second
+(non-finite values are found then, and reported with the step where they first appeared);
+Adam and AdamW use their fused kernel.
+
+Seeding: a new run seeds torch's global RNG (``torch.manual_seed(config.seed)``, CPU and CUDA)
+and draws batches from a ``torch.Generator`` seeded with ``config.seed``.
+
+Interrupts: ``SIGINT`` or ``SIGTERM`` during :meth:`Trainer.fit` (handlers are installed in the
+main thread only, and restored afterwards) stops training at the next step boundary, saves a
+checkpoint of that exact position (with ``out_dir``), and raises :class:`KeyboardInterrupt`.
+Calling ``fit`` again, or ``Trainer.resume(out_dir).fit(...)``, continues to the very same
+parameters, bit for bit on the CPU, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import pyro
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..checkpoints import CheckpointError
+from ..data import batches
+from ..errors import InputError
+from ..models import MODELS, config_to_dict
+from ..models.base import Phase, Progress, TrainableModel
+from .config import OPTIMIZERS, TrainingConfig
+from .run_folder import RunFolder, load_model
+
+__all__ = ["Trainer", "TrainingError", "FUSED_ADAM", "HISTORY_COLUMNS"]
+
+#: Adam and AdamW run their fused kernel (one kernel for all parameters) wherever torch has one
+FUSED_ADAM = True
+#: the columns of every history row; the model's own figures (``kl_weight``, ...) come after ``train_loss``
+HISTORY_COLUMNS = (
+    "phase", "epoch", "train_loss", "val_loss", "best_val_loss", "best_epoch", "lr", "skipped_steps", "seconds",
+    "stopped_early",
+)
+#: how often (seconds) the figures on the device are read for the progress bar and the non-finite check
+SYNC_SECONDS = 1.0
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on, e.g. the loss became NaN or infinite."""
+
+
+@dataclass
+class _Position:
+    """Where a run stands: enough, with the RNG states, to continue it exactly."""
+
+    n_train: int
+    dynamic_binarization: bool
+    epoch_rng: Tensor  # the batch generator's state at the start of the current epoch
+    phase: int = 0  # index into Trainer._phases()
+    epoch: int = 0  # completed epochs of this phase
+    step: int = 0  # completed steps of the current epoch
+    phase_step: int = 0  # completed steps of this phase
+    figure_names: tuple = ()  # the names of the step's figures, "loss" first
+    figures: Tensor | None = None  # (steps per epoch, figures) of each step; NaN: not run or skipped
+    checked: int = 0  # steps of the current epoch already checked for non-finite figures
+    skipped: int = 0  # skipped steps in the current epoch
+    seconds: float = 0.0  # time spent in the current epoch
+    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    since_best: int = 0
+    done: bool = False
+
+    _SAVED = ("n_train", "dynamic_binarization", "phase", "epoch", "step", "phase_step", "figure_names", "skipped",
+              "seconds", "best_val_loss", "best_epoch", "since_best", "done")
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self._SAVED}
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A tensor by weak reference and in-place version: equal only for the same, unmodified tensor."""
+
+    ref: weakref.ref
+    version: int
+
+    @classmethod
+    def of(cls, x) -> "_Seen | None":
+        return cls(weakref.ref(x), x._version) if isinstance(x, Tensor) else None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Seen) and self.ref() is not None and self.ref() is other.ref() and self.version == other.version
+
+
+class _Updater:
+    """The ``update(group, compute_loss)`` a model's step calls (see :class:`pyrovae.models.base.Update`)."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], grad_clip: float | None, skip_nonfinite: bool):
+        self.optimizers = optimizers
+        self.grad_clip = grad_clip
+        self.skip_nonfinite = skip_nonfinite
+        self.params = {group: [p for g in opt.param_groups for p in g["params"]] for group, opt in optimizers.items()}
+        self.skipped = False  # a non-finite loss skipped an update of the current step
+
+    def __call__(self, group: str, compute_loss: Callable[[], Tensor]) -> Tensor:
+        optimizer = self.optimizers.get(group)
+        if optimizer is None:
+            raise InputError(f"the model updated parameter group {group!r}, but its groups are {sorted(self.optimizers)}")
+        optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss()
+        if loss.requires_grad:
+            loss.backward()
+        loss = loss.detach()
+        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
+            self.skipped = True
+            return loss
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params[group], self.grad_clip)
+        optimizer.step()
+        return loss
+
+
+def _model_name(model) -> str | None:
+    return next((name for name, (cls, _) in MODELS.items() if type(model) is cls), None)
+
+
+class Trainer:
+    """Train ``model`` (any :class:`~pyrovae.models.base.TrainableModel`) as ``config`` says.
+
+    out_dir:    run folder to write (see :mod:`pyrovae.training.run_folder`); ``None`` writes nothing.
+    model_name: the :data:`pyrovae.models.MODELS` name the run folder records, so that
+                :func:`load_model` can rebuild the model; found from the model's class when omitted.
+    metadata:   JSON-ready facts about the run that ``config.json`` keeps beside the configs
+                (the command line stores how it loaded the data there).
+
+    Phases (:meth:`~pyrovae.models.base.TrainableModel.training_phases`) run in order, each with
+    fresh optimizers and schedules; history rows name their ``phase``, and early stopping watches
+    the ``"train"`` phase only.
+
+    Each :meth:`fit` call is one run from the model's current weights, with fresh optimizers and
+    reseeded RNG, unless the trainer holds an unfinished run (interrupted in this process, or
+    loaded by :meth:`resume`): then ``fit`` continues it. The model stays on its device.
+    """
+
+    def __init__(self, model, config: TrainingConfig = TrainingConfig(), out_dir=None, model_name: str | None = None, metadata: dict | None = None):
+        if not isinstance(config, TrainingConfig):
+            raise InputError(f"config must be a TrainingConfig, got {type(config).__name__}")
+        if not isinstance(model, TrainableModel):
+            raise InputError(f"{type(model).__name__} is not a pyrovae.models.base.TrainableModel: nothing to train")
+        model_name = model_name if model_name is not None else _model_name(model)
+        if model_name is not None and model_name not in MODELS:
+            raise InputError(f"unknown model_name {model_name!r}; choose from {sorted(MODELS)}")
+        if model_name is not None and type(getattr(model, "config", None)) is not MODELS[model_name][1]:
+            raise InputError(
+                f"model_name {model_name!r} is for models with config class {MODELS[model_name][1].__name__}, not a "
+                f"{type(model).__name__} with config class {type(getattr(model, 'config', None)).__name__}"
+            )
+        if out_dir is not None and model_name is None:
+            raise InputError(f"a run folder records the model's name: pass model_name (one of {sorted(MODELS)}) for a {type(model).__name__}")
+        self.model = model
+        self.config = config
+        self.folder = RunFolder(out_dir) if out_dir is not None else None
+        self.model_name = model_name
+        self.metadata = dict(metadata or {})
+        self.history: list[dict] = []
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, object] = {}
+        self._updater: _Updater | None = None
+        self._pos: _Position | None = None
+        self._pending: dict | None = None  # state of an unfinished run for the next fit to continue
+        self._generator = torch.Generator()
+        self._signal: int | None = None
+        self._checked_data = None  # what _check_data last accepted
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def out_dir(self):
+        return None if self.folder is None else self.folder.path
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is, and where the data goes."""
+        return next(self.model.parameters()).device
+
+    def fit(self, train: Tensor, val: Tensor | None = None, dynamic_binarization: bool = False) -> list[dict]:
+        """Train on ``train: (N, C, H, W)``; validate on ``val: (M, C, H, W)`` after every epoch.
+
+        dynamic_binarization: train on a fresh ``Bernoulli(pixels)`` draw of every batch.
+        A new run seeds torch's global RNG with ``config.seed`` (see the module docs).
+        Returns the history: one dict per epoch with the keys :data:`HISTORY_COLUMNS` and the
+        model's own figures. Raises :class:`~pyrovae.errors.InputError` for unusable data (before
+        training or writing any file), :class:`TrainingError` for a non-finite loss,
+        :class:`KeyboardInterrupt` on SIGINT/SIGTERM.
+        """
+        train, val = self._check_data(train, val, dynamic_binarization)
+        if self._pending is not None:
+            self._restore(self._pending, len(train), dynamic_binarization)
+            self._pending = None
+            if self._pos.done:
+                return [dict(row) for row in self.history]
+        else:
+            self._start(len(train), dynamic_binarization)
+        tensorboard = self.folder.tensorboard() if self.folder is not None else nullcontext()
+        with self._catch_signals(), tensorboard, pyro.validation_enabled(False):
+            self.model.train()
+            while not self._pos.done:
+                self._train_epoch(train, dynamic_binarization)
+                self._end_epoch(val)
+                if self._signal is not None:
+                    self._interrupt()
+        return [dict(row) for row in self.history]
+
+    @classmethod
+    def resume(cls, out_dir, device="auto") -> "Trainer":
+        """A trainer that continues the run saved in ``out_dir`` (its model, optimizers, RNG and history) on ``device``.
+
+        Call :meth:`fit` with the same data to go on; the run's own training config is used.
+        A finished run's ``fit`` returns its history without training.
+        """
+        model, state = load_model(out_dir, device=device)
+        missing = [key for key in ("training_config", "position", "rng", "history", "optimizer_states") if key not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint in {out_dir} is not a training checkpoint: it lacks {missing}")
+        try:
+            config = TrainingConfig(**state["training_config"])
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"the training config in {out_dir} is not usable: {error}") from None
+        trainer = cls(model, config, out_dir=out_dir, model_name=state["model_name"])
+        trainer._pending = state
+        return trainer
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_data(self, train, val, dynamic_binarization: bool) -> tuple[Tensor, Tensor | None]:
+        """Check every image and move the data to the model's device; nothing is written before.
+
+        The same tensors, unchanged since (same in-place version), are not checked again by a later fit.
+        """
+        key = (_Seen.of(train), _Seen.of(val), dynamic_binarization)
+        if key != self._checked_data:
+            if dynamic_binarization:
+                if not isinstance(train, Tensor) or not train.is_floating_point() or not bool(((train >= 0) & (train <= 1)).all()):
+                    raise InputError("dynamic binarization draws Bernoulli(pixels): the training images must be floats in [0, 1]")
+                self.model.check_input((train[:1] > 0.5).to(train.dtype))  # batches will be binary images like this one
+            else:
+                self.model.check_input(train)
+            if val is not None:
+                self.model.check_input(val)
+            self._checked_data = key
+        if self.config.batch_size > len(train):
+            raise InputError(
+                f"batch_size={self.config.batch_size} is larger than the training set ({len(train)} images); use a smaller batch_size"
+            )
+        if self.config.early_stopping_patience is not None and val is None:
+            raise InputError("early_stopping_patience watches the validation loss: pass val data, or set it to None")
+        return train.to(self.device), None if val is None else val.to(self.device)
+
+    def _phases(self) -> list[Phase]:
+        """The model's phases that have epochs to run."""
+        return [phase for phase in self.model.training_phases(self.config.epochs) if phase.epochs > 0]
+
+    def _start(self, n_train: int, dynamic_binarization: bool) -> None:
+        """Begin a new run: seed, fresh optimizers, empty history; write config.json and a first checkpoint."""
+        torch.manual_seed(self.config.seed)
+        self._generator.manual_seed(self.config.seed)
+        self.history = []
+        self._pos = _Position(n_train=n_train, dynamic_binarization=dynamic_binarization, epoch_rng=self._generator.get_state())
+        self._pos.done = not self._phases()
+        self._new_optimizers()
+        if self.folder is not None:
+            self.folder.write_config({
+                "model_name": self.model_name,
+                "model_config": config_to_dict(self.model.config),
+                "training_config": dataclasses.asdict(self.config),
+                "metadata": self.metadata,
+            })
+            self._write_files()
+
+    def _new_optimizer(self, params) -> torch.optim.Optimizer:
+        config = self.config
+        optimizer_class = OPTIMIZERS[config.optimizer]
+        options = {"lr": config.lr}
+        if config.weight_decay:
+            options["weight_decay"] = config.weight_decay
+        if FUSED_ADAM and optimizer_class in (torch.optim.Adam, torch.optim.AdamW):
+            try:
+                return optimizer_class(params, fused=True, **options)
+            except RuntimeError:  # no fused kernel for these parameters' device or dtype
+                pass
+        return optimizer_class(params, **options)
+
+    def _new_optimizers(self) -> None:
+        """The optimizers and schedules of the current phase, one per parameter group (none once the run is done)."""
+        self.optimizers, self.schedulers, self._updater = {}, {}, None
+        if self._pos.done:
+            return
+        config = self.config
+        epochs = self._phases()[self._pos.phase].epochs
+        for group, params in self.model.parameter_groups().items():
+            optimizer = self.optimizers[group] = self._new_optimizer(list(params))
+            if config.lr_schedule == "cosine":
+                self.schedulers[group] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+            elif config.lr_schedule == "step":
+                self.schedulers[group] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epochs, gamma=0.5)
+        self._updater = _Updater(self.optimizers, config.grad_clip, config.skip_nonfinite)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _record(self, figures: dict, steps: int) -> None:
+        """Keep the step's figures (scalar tensors or floats) in row ``pos.step`` of the epoch's table, on the device."""
+        pos = self._pos
+        if not pos.figure_names:
+            names = tuple(figures)
+            if not names or names[0] != "loss":
+                raise InputError(f"a training step must return its figures with 'loss' first, got {names}")
+            pos.figure_names = names
+        if pos.figures is None:
+            pos.figures = torch.full((steps, len(pos.figure_names)), math.nan, device=self.device)
+        row = pos.figures[pos.step]
+        for column, name in enumerate(pos.figure_names):
+            row[column] = figures[name]
+
+    def _train_epoch(self, train: Tensor, dynamic_binarization: bool) -> None:
+        pos, config, model = self._pos, self.config, self.model
+        phase = self._phases()[pos.phase]
+        steps = math.ceil(len(train) / config.batch_size)
+        self._generator.set_state(pos.epoch_rng)
+        epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization)
+        for _ in range(pos.step):  # an interrupted epoch: the same permutation (and binarization), from where it stopped
+            next(epoch_batches)
+        bar = tqdm(total=steps, initial=pos.step, desc=f"{phase.name} epoch {pos.epoch + 1}/{phase.epochs}", disable=not config.progress, dynamic_ncols=True)
+        update = self._updater
+        start = last_sync = time.perf_counter()
+        try:
+            for x in epoch_batches:
+                update.skipped = False
+                progress = Progress(num_data=pos.n_train, phase=phase.name, epochs_done=pos.phase_step / steps)
+                figures = model.training_step(x, update, progress)
+                if update.skipped:
+                    pos.skipped += 1
+                else:
+                    self._record(figures, steps)
+                pos.step += 1
+                pos.phase_step += 1
+                bar.update()
+                if self._signal is not None:
+                    break
+                if time.perf_counter() - last_sync >= SYNC_SECONDS:
+                    self._sync(bar)
+                    last_sync = time.perf_counter()
+            self._sync(bar)  # waits for the device, so the epoch's time includes its work
+            pos.seconds += time.perf_counter() - start
+            if self._signal is not None and pos.step < steps:
+                self._interrupt()
+        finally:
+            bar.close()
+
+    def _sync(self, bar) -> None:
+        """Read the figures on the device: raise at the first non-finite one; show the running loss."""
+        pos = self._pos
+        if pos.figures is None:
+            return
+        if not self.config.skip_nonfinite:  # there every update was read already
+            finite = torch.isfinite(pos.figures[pos.checked : pos.step]).all(1)
+            if not bool(finite.all()):
+                name = self._phases()[pos.phase].name
+                first = pos.checked + int((~finite).nonzero()[0])
+                values = {n: float(v) for n, v in zip(pos.figure_names, pos.figures[first])}
+                where = f"epoch {pos.epoch + 1}" + ("" if name == "train" else f" of phase {name}")
+                kept = f"; the last checkpoint, {self.folder.checkpoint}, is kept" if self.folder is not None else ""
+                raise TrainingError(
+                    f"the loss became non-finite ({values}) at {where}, step {first + 1} of {len(pos.figures)}{kept}. "
+                    "Lower lr, set grad_clip, or set skip_nonfinite=True to skip such steps"
+                )
+            pos.checked = pos.step
+        if not bar.disable and pos.step:
+            bar.set_postfix(loss=f"{float(pos.figures[: pos.step, 0].nanmean()):.3f}", refresh=False)
+
+    def _epoch_figures(self) -> dict[str, float | None]:
+        """Each figure's mean per example over the epoch's steps that ran (``None`` if all were skipped)."""
+        pos = self._pos
+        names = pos.figure_names or ("loss",)
+        if pos.figures is None:
+            return dict.fromkeys(names)
+        steps, batch_size = len(pos.figures), self.config.batch_size
+        sizes = torch.full((steps,), float(batch_size), dtype=torch.float64, device=self.device)
+        sizes[-1] = pos.n_train - batch_size * (steps - 1)
+        figures = pos.figures.double()
+        ran = ~figures[:, 0].isnan()
+        examples = float(sizes[ran].sum())
+        if not examples:
+            return dict.fromkeys(names)
+        means = (figures[ran] * sizes[ran, None]).sum(0) / examples
+        return {name: float(value) for name, value in zip(names, means)}
+
+    @torch.no_grad()
+    def _validate(self, val: Tensor) -> float:
+        """Loss per example on ``val`` in eval mode."""
+        model = self.model
+        model.eval()
+        total = 0.0
+        for x in batches(val, self.config.batch_size, shuffle=False):
+            total = total + model.validation_loss(x) * len(x)
+        model.train()
+        return float(total) / len(val)
+
+    def _end_epoch(self, val: Tensor | None) -> None:
+        """Validate, record the epoch, step the schedules, move on (maybe to the next phase), write files."""
+        pos, phases = self._pos, self._phases()
+        phase = phases[pos.phase]
+        start = time.perf_counter()
+        figures = self._epoch_figures()
+        lr = float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
+        val_loss = self._validate(val) if val is not None else None
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        stopped = False
+        if phase.name == "train" and val_loss is not None:
+            if pos.best_val_loss is None or val_loss < pos.best_val_loss:
+                pos.best_val_loss, pos.best_epoch, pos.since_best = val_loss, pos.epoch + 1, 0
+            else:
+                pos.since_best += 1
+            patience = self.config.early_stopping_patience
+            stopped = patience is not None and pos.since_best >= patience and pos.epoch + 1 < phase.epochs
+        row = {"phase": phase.name, "epoch": pos.epoch + 1, "train_loss": figures.pop("loss")}
+        row.update(figures)
+        row.update({
+            "val_loss": val_loss,
+            "best_val_loss": pos.best_val_loss if phase.name == "train" else None,
+            "best_epoch": pos.best_epoch if phase.name == "train" else None,
+            "lr": lr,
+            "skipped_steps": pos.skipped,
+            "seconds": pos.seconds + time.perf_counter() - start,
+            "stopped_early": stopped,
+        })
+        self.history.append(row)
+        pos.epoch += 1
+        pos.step = pos.checked = pos.skipped = 0
+        pos.figures, pos.seconds = None, 0.0
+        pos.epoch_rng = self._generator.get_state()
+        if stopped or (pos.epoch == phase.epochs and pos.phase + 1 == len(phases)):
+            pos.done = True
+            self._new_optimizers()
+        elif pos.epoch == phase.epochs:
+            pos.phase, pos.epoch, pos.phase_step = pos.phase + 1, 0, 0
+            self._new_optimizers()
+        self._write_files()
+
+    def _interrupt(self) -> None:
+        """Keep the exact position (and save it with ``out_dir``), then raise :class:`KeyboardInterrupt`."""
+        pos = self._pos
+        self._pending = self._state()
+        saved = ""
+        if self.folder is not None:
+            if pos.step:  # at an epoch boundary the checkpoint was just written
+                self.folder.save_checkpoint(self._pending)
+            saved = f"; the position is saved in {self.folder.checkpoint}"
+        if pos.done:
+            where = "after the last epoch"
+        else:
+            name = self._phases()[pos.phase].name
+            where = f"at step {pos.step} of {name} epoch {pos.epoch + 1}" if pos.step else f"before {name} epoch {pos.epoch + 1}"
+        raise KeyboardInterrupt(
+            f"training stopped by {signal.Signals(self._signal).name} {where}{saved}; "
+            "call fit again, or Trainer.resume(out_dir).fit(...), to continue"
+        )
+
+    # ------------------------------------------------------------------ state, files, signals
+
+    def _state(self) -> dict:
+        """Everything a run needs to continue exactly: weights, optimizers, schedules, position, RNG, history."""
+        pos = self._pos
+        rng = {"torch": torch.get_rng_state(), "batches": pos.epoch_rng.clone()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model_name": self.model_name,
+            "model_config": config_to_dict(self.model.config),
+            "training_config": dataclasses.asdict(self.config),
+            "model_state": self.model.state_dict(),
+            "optimizer_states": {group: optimizer.state_dict() for group, optimizer in self.optimizers.items()},
+            "scheduler_states": {group: scheduler.state_dict() for group, scheduler in self.schedulers.items()},
+            "position": pos.to_dict(),
+            "epoch_figures": None if pos.figures is None else pos.figures.cpu(),
+            "rng": rng,
+            "history": [dict(row) for row in self.history],
+        }
+
+    def _restore(self, state: dict, n_train: int, dynamic_binarization: bool) -> None:
+        """Continue the run ``state`` (from :meth:`_state`); the model already holds its weights."""
+        saved = dict(state["position"])
+        if saved["n_train"] != n_train:
+            raise InputError(f"this run was trained on {saved['n_train']} images, not {n_train}: pass the same training set to continue it")
+        if saved["dynamic_binarization"] != dynamic_binarization:
+            raise InputError(f"this run was trained with dynamic_binarization={saved['dynamic_binarization']}: pass the same to continue it")
+        saved["figure_names"] = tuple(saved["figure_names"])
+        self.history = [dict(row) for row in state["history"]]
+        self._pos = _Position(**saved, epoch_rng=state["rng"]["batches"].clone())
+        if state["epoch_figures"] is not None:
+            self._pos.figures = state["epoch_figures"].to(self.device)
+        self._new_optimizers()
+        if set(self.optimizers) != set(state["optimizer_states"]):
+            raise CheckpointError(f"the checkpoint holds optimizers {sorted(state['optimizer_states'])}, the model has groups {sorted(self.optimizers)}")
+        for group, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizer_states"][group])
+        for group, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["scheduler_states"][group])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def _write_files(self) -> None:
+        """The history files and the checkpoint, when there is a run folder."""
+        if self.folder is not None:
+            self.folder.write_history(self.history)
+            self.folder.save_checkpoint(self._state())
+
+    @contextmanager
+    def _catch_signals(self):
+        """Turn SIGINT and SIGTERM into a request to stop at the next step boundary (main thread only)."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self._signal = signum
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
