@@ -3,6 +3,22 @@
 A dataset is read once through torchvision into ``uint8`` arrays, turned into float
 tensors ``(N, C, H, W)`` with pixels in ``[0, 1]`` and moved to the device; training then
 slices it by shuffled indices, without a per-item ``DataLoader``.
+
+**Binarization and the evaluation protocol.** Bernoulli likelihoods are likelihoods of binary
+images; on grey levels they are a relaxation whose numbers compare with nothing. A binarized run
+is therefore scored on binary images, as in the literature on binarized MNIST:
+
+* ``"dynamic"`` (Burda et al. 2016 and most VAE papers since): every training batch is a fresh
+  draw ``x ~ Bernoulli(pixels)``; the test set, and a validation set, are drawn **once** with the
+  fixed seed :data:`EVAL_BINARIZATION_SEED`, the same for every run whatever its training seed,
+  so that every model is scored on the same binary images.
+* ``"static"``: the training images are drawn once, with the run's ``seed``; the test and
+  validation images once with :data:`EVAL_BINARIZATION_SEED`, as for ``"dynamic"``. (This is a
+  fixed binarization of our own, not the file of Larochelle and Murray that papers call
+  "statically binarized MNIST".)
+
+The draws for the test set are made on the whole test set, before ``subset`` takes its first
+images, so a subset holds the same binary images as the full set.
 """
 
 from __future__ import annotations
@@ -22,6 +38,8 @@ __all__ = ["ImageData", "DATASETS", "load_dataset", "batches", "default_data_dir
 
 DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10")
 BINARIZATION = (None, "static", "dynamic")
+#: seed of the single Bernoulli draw that binarizes the test and validation images of a binarized run
+EVAL_BINARIZATION_SEED = 0
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -37,8 +55,10 @@ def default_data_dir() -> Path:
 class ImageData:
     """Splits of one dataset, each ``(N, C, H, W)`` float in ``[0, 1]`` with labels ``(N,)`` int64.
 
-    ``val`` and ``val_labels`` are ``None`` without a validation split. ``dynamic_binarization``
-    asks :func:`batches` for a fresh Bernoulli draw of every training batch.
+    ``val`` and ``val_labels`` are ``None`` without a validation split. ``binarization`` is
+    ``None`` (grey levels), ``"static"`` or ``"dynamic"`` (see the module docs): with
+    ``"dynamic"``, ``train`` keeps its grey levels and :func:`batches` draws every training batch
+    anew, while ``test`` and ``val`` are binary already.
     """
 
     name: str
@@ -48,11 +68,24 @@ class ImageData:
     test_labels: Tensor
     val: Tensor | None = None
     val_labels: Tensor | None = None
-    dynamic_binarization: bool = False
+    binarization: str | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train.shape[1:])
+
+    @property
+    def dynamic_binarization(self) -> bool:
+        """Whether training batches are drawn anew from the grey levels of ``train``."""
+        return self.binarization == "dynamic"
+
+    @property
+    def protocol(self) -> str:
+        """How the test images were made, in words: what an evaluation of this data measures."""
+        if self.binarization is None:
+            return "grey levels in [0, 1] (not binarized)"
+        return (f"{self.binarization} binarization; test and validation images binarized once with seed "
+                f"{EVAL_BINARIZATION_SEED}")
 
 
 def _torchvision_class(name: str):
@@ -106,8 +139,10 @@ def load_dataset(
 ) -> ImageData:
     """Load ``name`` (one of :data:`DATASETS`) into tensors on ``device``.
 
-    binarize: ``None`` keeps grey levels in ``[0, 1]``; ``"static"`` draws ``x ~ Bernoulli(pixel)``
-        once with ``seed``; ``"dynamic"`` leaves the pixels and has :func:`batches` draw anew each batch.
+    binarize: ``None`` keeps grey levels in ``[0, 1]``; ``"static"`` draws the training images
+        ``x ~ Bernoulli(pixel)`` once with ``seed``; ``"dynamic"`` leaves them grey and has
+        :func:`batches` draw anew each batch. Either way the test and validation images are drawn
+        once with :data:`EVAL_BINARIZATION_SEED` (see the module docs).
     val_size: images taken (at random, with ``seed``) from the training set for validation.
     subset: keep at most this many images of each split (training: the first after shuffling with ``seed``;
         test: its first ones).
@@ -127,26 +162,30 @@ def load_dataset(
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = _read(name, root, train=True)
     test_x, test_y = _read(name, root, train=False)
+    if binarize is not None:  # drawn on the whole sets, before any split or subset, with the fixed seed
+        evaluation = torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
+        test_x = _binarized(test_x, evaluation)
     order = torch.randperm(len(train_x), generator=generator)
+    read_order = train_x
     train_x, train_y = train_x[order], train_y[order]
     val_x = val_y = None
     if val_size:
         if val_size >= len(train_x):
             raise InputError(f"val_size={val_size} leaves no training images (the training set has {len(train_x)})")
         val_x, val_y = train_x[-val_size:], train_y[-val_size:]
+        if binarize is not None:  # the validation images of the whole training set, drawn after the test set
+            val_x = _binarized(read_order, evaluation)[order[-val_size:]]
         train_x, train_y = train_x[:-val_size], train_y[:-val_size]
     if subset is not None:
         train_x, train_y, test_x, test_y = train_x[:subset], train_y[:subset], test_x[:subset], test_y[:subset]
         if val_x is not None:
             val_x, val_y = val_x[:subset], val_y[:subset]
 
+    if binarize == "static":
+        train_x = _binarized(train_x, generator)
+
     def to_float(images: Tensor | None) -> Tensor | None:
-        if images is None:
-            return None
-        pixels = images.to(device=device, dtype=torch.float32).div_(255.0)
-        if binarize == "static":
-            pixels = torch.bernoulli(pixels.cpu(), generator=generator).to(device)
-        return pixels
+        return None if images is None else images.to(device=device, dtype=torch.float32).div_(255.0)
 
     def to_device(labels: Tensor | None) -> Tensor | None:
         return None if labels is None else labels.to(device)
@@ -159,8 +198,13 @@ def load_dataset(
         test_labels=to_device(test_y),
         val=to_float(val_x),
         val_labels=to_device(val_y),
-        dynamic_binarization=binarize == "dynamic",
+        binarization=binarize,
     )
+
+
+def _binarized(images: Tensor, generator: torch.Generator) -> Tensor:
+    """One draw ``Bernoulli(pixels / 255)`` of ``uint8`` images ``(N, C, H, W)``, as ``uint8`` 0 or 255."""
+    return torch.bernoulli(images.float().div_(255.0), generator=generator).to(torch.uint8).mul_(255)
 
 
 def batches(

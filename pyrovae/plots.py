@@ -246,27 +246,27 @@ def manifold(vae, n: int = 20, path=None) -> Figure:
 
 
 def training_curves(history: list[dict], path=None) -> Figure:
-    """The training (and validation) loss against the epoch.
+    """The training, validation and test losses against the epoch.
 
     ``history`` holds one dict per epoch, as :meth:`pyrovae.training.Trainer.fit` returns it:
-    ``"train_loss"`` and, if any, ``"val_loss"`` become lines against ``"epoch"`` (else 1, 2, ...);
-    ``None`` values leave gaps. Rows of greedy pretraining (``"phase"`` other than ``"train"``,
-    the stacked autoencoder) measure other losses and are left out; the title says how many.
+    ``"train_loss"`` and, if any, ``"val_loss"`` and ``"test_loss"`` become lines against
+    ``"epoch"`` (else 1, 2, ...), each through the epochs where it was measured (``None``
+    elsewhere). Rows of greedy pretraining (``"phase"`` other than ``"train"``, the stacked
+    autoencoder) measure other losses and are left out; the title says how many.
     """
     if not history or not all(isinstance(row, dict) for row in history):
         raise InputError("history must be a non-empty list of dicts, one per epoch")
     rows = [row for row in history if row.get("phase", "train") == "train"]
-    keys = [key for key in ("train_loss", "val_loss") if any(row.get(key) is not None for row in rows)]
+    keys = [key for key in ("train_loss", "val_loss", "test_loss") if any(row.get(key) is not None for row in rows)]
     if not keys:
         found = sorted({key for row in history for key in row})
-        raise InputError(f"the history has no end-to-end 'train_loss' or 'val_loss' to plot (keys: {found})")
-    epochs = [row.get("epoch", i + 1) for i, row in enumerate(rows)]
+        raise InputError(f"the history has no end-to-end 'train_loss', 'val_loss' or 'test_loss' to plot (keys: {found})")
     figure = _figure(6.4, 4.2)
     ax = figure.add_subplot()
-    marker = "o" if len(rows) <= 30 else None
     for key in keys:
-        values = [float("nan") if row.get(key) is None else float(row[key]) for row in rows]
-        ax.plot(epochs, values, marker=marker, markersize=4, label=key.replace("_", " "))
+        points = [(row.get("epoch", i + 1), float(row[key])) for i, row in enumerate(rows) if row.get(key) is not None]
+        epochs, values = zip(*points)
+        ax.plot(epochs, values, marker="o" if len(points) <= 30 else None, markersize=4, label=key.replace("_", " "))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per example")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import cuda
-from pyrovae.data import DatasetNotFoundError, ImageData, batches, default_data_dir, load_dataset
+from pyrovae.data import EVAL_BINARIZATION_SEED, DatasetNotFoundError, ImageData, batches, default_data_dir, load_dataset
 
 
 def projections(images):
@@ -64,7 +64,8 @@ def test_static_binarization_is_binary_and_repeatable(mnist, mnist_dir):
     for split in ("train", "test"):
         assert set(getattr(a, split).unique().tolist()) == {0.0, 1.0}
         torch.testing.assert_close(getattr(a, split), getattr(b, split))
-    assert not torch.equal(a.test, c.test)
+    assert not torch.equal(a.train, c.train)  # the training draw follows the run's seed ...
+    assert torch.equal(a.test, c.test)  # ... the test draw does not
     # a draw of Bernoulli(pixel): black stays black, white stays white, the mean is kept
     assert (a.train[mnist.train == 0] == 0).all() and (a.train[mnist.train == 1] == 1).all()
     assert abs(a.train.mean() - mnist.train.mean()) < 0.01
@@ -74,6 +75,34 @@ def test_dynamic_binarization_keeps_grey_levels_and_flags_batches(mnist, mnist_d
     data = load_dataset("mnist", root=mnist_dir, subset=300, binarize="dynamic")
     assert data.dynamic_binarization
     torch.testing.assert_close(data.train, mnist.train)
+
+
+def test_binarized_runs_are_scored_on_one_fixed_binary_test_set(mnist, mnist_dir):
+    """Binary, the same across calls, training seeds, subsets and both binarizations; a Bernoulli draw of the grey test set."""
+    runs = [load_dataset("mnist", root=mnist_dir, subset=300, binarize=b, seed=s) for b in ("dynamic", "static") for s in (0, 7)]
+    for data in runs:
+        assert set(data.test.unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(data.test, runs[0].test)
+        assert EVAL_BINARIZATION_SEED == 0 and "seed 0" in data.protocol and data.binarization in data.protocol
+    small = load_dataset("mnist", root=mnist_dir, subset=50, binarize="dynamic")
+    assert torch.equal(small.test, runs[0].test[:50])
+    grey = mnist.test  # the same images, grey: the draw keeps black and white and the mean
+    assert (runs[0].test[grey == 0] == 0).all() and (runs[0].test[grey == 1] == 1).all()
+    assert abs(runs[0].test.mean() - grey.mean()) < 0.01
+
+
+def test_grey_level_runs_keep_grey_test_images(mnist):
+    assert mnist.binarization is None and "grey levels" in mnist.protocol
+    assert len(mnist.test.unique()) > 2
+
+
+def test_validation_images_are_binarized_once_with_the_fixed_seed(mnist_dir):
+    a = load_dataset("mnist", root=mnist_dir, subset=100, val_size=500, binarize="dynamic", seed=3)
+    b = load_dataset("mnist", root=mnist_dir, subset=100, val_size=500, binarize="dynamic", seed=3)
+    grey = load_dataset("mnist", root=mnist_dir, subset=100, val_size=500, seed=3)
+    assert set(a.val.unique().tolist()) == {0.0, 1.0} and torch.equal(a.val, b.val)
+    assert (a.val[grey.val == 0] == 0).all() and (a.val[grey.val == 1] == 1).all()
+    assert len(a.train.unique()) > 2  # dynamic: the training images stay grey
 
 
 def ramp(n):

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 
+import pyro
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from pyrovae.models import (
     AE, VAE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, VAEConfig,
     config_from_dict, config_to_dict,
 )
-from pyrovae.training import HISTORY_COLUMNS, Trainer, TrainingConfig, TrainingError, load_model
+from pyrovae.training import HISTORY_COLUMNS, StagedDecay, Trainer, TrainingConfig, TrainingError, load_model
 
 BATCH = 32  # 128 images: 4 steps per epoch
 
@@ -469,3 +470,54 @@ def test_a_step_must_update_known_groups_and_report_its_loss_first(train):
         Trainer(WrongGroup(AEConfig(network=tiny_network())), config()).fit(train)
     with pytest.raises(InputError, match="'loss' first"):
         Trainer(NoLoss(AEConfig(network=tiny_network())), config()).fit(train)
+
+
+# ---------------------------------------------------------------------- quality during training
+
+
+def test_test_loss_is_scored_every_eval_every_epochs_and_decides_nothing(train, val):
+    model = vae()
+    history = Trainer(model, config(epochs=5, eval_every=2)).fit(train, val=val, test=val[:32])
+    assert [row["test_loss"] is not None for row in history] == [False, True, False, True, True]  # and the last epoch
+    assert [row["val_loss"] is not None for row in history] == [False, True, False, True, True]
+    model.eval()
+    with torch.no_grad():  # the last row's figure is the model's validation loss on the test images
+        pyro.set_rng_seed(0)
+        expected = model.validation_loss(val[:32]).item()
+    assert history[-1]["test_loss"] == pytest.approx(expected, rel=0.05)  # one-sample estimates of the same ELBO
+    scored = [row["val_loss"] for row in history if row["val_loss"] is not None]
+    assert history[-1]["best_val_loss"] == min(scored)
+
+
+def test_a_worse_test_loss_never_stops_training(train, val):
+    class WorseOnTest(AE):
+        def validation_loss(self, x):
+            return super().validation_loss(x) + (1000.0 * self.calls if len(x) == 16 else 0.0)
+
+        calls = 0
+
+        def training_step(self, x, update, progress):
+            self.calls += 1
+            return super().training_step(x, update, progress)
+
+    history = Trainer(WorseOnTest(AEConfig(network=tiny_network())), config(epochs=4, early_stopping_patience=1)).fit(
+        train, val=val, test=val[:16])
+    assert len(history) == 4 and history[-1]["test_loss"] > history[0]["test_loss"] + 1000
+
+
+def test_the_iwae_schedule_is_the_papers_at_3280_epochs_and_compresses_to_fewer():
+    paper = StagedDecay(3280)
+    lengths = [end - start for start, end in zip([0, *paper.stage_ends()], paper.stage_ends())]
+    assert lengths == [3**i for i in range(8)]
+    assert [paper(epoch) for epoch in (0, 1, 3, 4, 1092, 1093, 3279)] == pytest.approx(
+        [1.0, 10 ** (-1 / 7), 10 ** (-1 / 7), 10 ** (-2 / 7), 10 ** (-6 / 7), 10 ** (-1), 10 ** (-1)])
+    assert StagedDecay(328).stage_ends()[-3:] == [36, 109, 328]
+
+
+def test_iwae_schedule_and_optimizer_eps_reach_the_optimizer(train, tmp_path):
+    history = Trainer(vae(), config(epochs=4, lr_schedule="iwae", optimizer_eps=1e-4), out_dir=tmp_path).fit(train)
+    factors = [StagedDecay(4)(epoch) for epoch in range(4)]
+    assert [row["lr"] for row in history] == pytest.approx([1e-3 * f for f in factors])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    resumed = Trainer.resume(tmp_path, device="cpu")
+    assert resumed.config.optimizer_eps == 1e-4 and state["training_config"]["lr_schedule"] == "iwae"

@@ -5,11 +5,11 @@
 * :mod:`.run_folder`: config.json, metrics, checkpoint.pt, TensorBoard; :func:`load_model`.
 """
 
-from .config import LR_SCHEDULES, OPTIMIZERS, TrainingConfig
+from .config import LR_SCHEDULES, OPTIMIZERS, StagedDecay, TrainingConfig
 from .run_folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_CSV, METRICS_JSON, RunFolder, load_model
 from .trainer import FUSED_ADAM, HISTORY_COLUMNS, Trainer, TrainingError
 
 __all__ = [
-    "TrainingConfig", "TrainingError", "Trainer", "RunFolder", "load_model", "LR_SCHEDULES", "OPTIMIZERS",
+    "TrainingConfig", "StagedDecay", "TrainingError", "Trainer", "RunFolder", "load_model", "LR_SCHEDULES", "OPTIMIZERS",
     "FUSED_ADAM", "HISTORY_COLUMNS", "CHECKPOINT_FILE", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSON",
 ]

@@ -9,9 +9,9 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["TrainingConfig", "OPTIMIZERS", "LR_SCHEDULES"]
+__all__ = ["TrainingConfig", "OPTIMIZERS", "LR_SCHEDULES", "StagedDecay"]
 
-LR_SCHEDULES = (None, "cosine", "step")
+LR_SCHEDULES = (None, "cosine", "step", "iwae")
 #: torch.optim classes by lower-case name; LBFGS (needs a closure) and SparseAdam (sparse gradients only) are left out
 OPTIMIZERS = {
     name.lower(): cls
@@ -42,10 +42,13 @@ class TrainingConfig:
     lr:              learning rate (a model's parameter group may set its own).
     optimizer:       an :data:`OPTIMIZERS` name, any case (``"adam"``, ``"AdamW"``, ``"sgd"``, ...).
     weight_decay:    the optimizer's weight decay (L2 for Adam, decoupled for AdamW).
+    optimizer_eps:   the optimizer's ``eps``, where it has one; ``None`` keeps torch's default (Adam: 1e-8).
     lr_schedule:     ``None``; ``"cosine"`` (cosine decay to 0 over the epochs of each phase);
-                     ``"step"`` (halve the rate every ``lr_step_epochs`` epochs).
+                     ``"step"`` (halve the rate every ``lr_step_epochs`` epochs); ``"iwae"`` (the
+                     IWAE paper's stages, :class:`StagedDecay`, fitted to the epochs of each phase).
     grad_clip:       largest global gradient norm of each parameter group, or ``None``.
-    early_stopping_patience: stop after this many epochs without a better validation loss (needs ``val``).
+    eval_every:      validate (and score ``test``) every this many epochs, and after the last epoch of each phase.
+    early_stopping_patience: stop after this many validations without a better validation loss (needs ``val``).
     skip_nonfinite:  skip (and count) steps whose loss is NaN or infinite instead of raising
                      :class:`~pyrovae.training.TrainingError`; this reads the loss every step (a device sync on CUDA).
     seed:            seeds torch's global RNG and the batch order when a run starts.
@@ -57,9 +60,11 @@ class TrainingConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    optimizer_eps: float | None = None
     lr_schedule: str | None = None
     lr_step_epochs: int = 10
     grad_clip: float | None = None
+    eval_every: int = 1
     early_stopping_patience: int | None = None
     skip_nonfinite: bool = False
     seed: int = 0
@@ -82,14 +87,43 @@ class TrainingConfig:
         object.__setattr__(self, "optimizer", self.optimizer.lower())
         if not _is_number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
             raise InputError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if self.optimizer_eps is not None and (not _is_number(self.optimizer_eps) or not 0 < self.optimizer_eps < math.inf):
+            raise InputError(f"optimizer_eps must be a positive number or None, got {self.optimizer_eps!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"unknown lr_schedule {self.lr_schedule!r}; choose from {LR_SCHEDULES}")
         if not _is_int(self.lr_step_epochs) or self.lr_step_epochs <= 0:
             raise InputError(f"lr_step_epochs must be a positive integer, got {self.lr_step_epochs!r}")
         if self.grad_clip is not None and (not _is_number(self.grad_clip) or not 0 < self.grad_clip < math.inf):
             raise InputError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if not _is_int(self.eval_every) or self.eval_every <= 0:
+            raise InputError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         patience = self.early_stopping_patience
         if patience is not None and (not _is_int(patience) or patience <= 0):
             raise InputError(f"early_stopping_patience must be a positive integer or None, got {patience!r}")
         if not _is_int(self.seed):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
+
+
+class StagedDecay:
+    """The IWAE paper's learning-rate schedule (Burda et al. 2016), fitted to ``epochs`` epochs.
+
+    The paper trains 3^i epochs at ``lr * 10^(-i/7)`` for i = 0..7: 3,280 epochs in all. Here
+    stage i takes the same share of ``epochs`` (3^i / 3280 of them, rounded at the stage ends), so
+    ``epochs=3280`` is the paper's schedule exactly and fewer epochs compress it. Called with an
+    epoch index (0-based), it returns the factor on ``lr``, as ``torch.optim.lr_scheduler.LambdaLR``
+    wants; its state is the plain attribute ``epochs``, so schedulers save and load it.
+    """
+
+    STAGES = 8
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def stage_ends(self) -> list[int]:
+        """The epoch (exclusive) where each stage ends: ``[1, 4, 13, ..., 3280]`` for 3,280 epochs."""
+        total = (3**self.STAGES - 1) // 2
+        return [round(self.epochs * ((3 ** (i + 1) - 1) // 2) / total) for i in range(self.STAGES)]
+
+    def __call__(self, epoch: int) -> float:
+        stage = next((i for i, end in enumerate(self.stage_ends()) if epoch < end), self.STAGES - 1)
+        return 10.0 ** (-stage / 7)

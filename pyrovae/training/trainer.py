@@ -45,7 +45,7 @@ from ..data import batches
 from ..errors import InputError
 from ..models import MODELS, config_to_dict
 from ..models.base import Phase, Progress, TrainableModel
-from .config import OPTIMIZERS, TrainingConfig
+from .config import OPTIMIZERS, StagedDecay, TrainingConfig
 from .run_folder import RunFolder, load_model
 
 __all__ = ["Trainer", "TrainingError", "FUSED_ADAM", "HISTORY_COLUMNS"]
@@ -54,8 +54,8 @@ __all__ = ["Trainer", "TrainingError", "FUSED_ADAM", "HISTORY_COLUMNS"]
 FUSED_ADAM = True
 #: the columns of every history row; the model's own figures (``kl_weight``, ...) come after ``train_loss``
 HISTORY_COLUMNS = (
-    "phase", "epoch", "train_loss", "val_loss", "best_val_loss", "best_epoch", "lr", "skipped_steps", "seconds",
-    "stopped_early",
+    "phase", "epoch", "train_loss", "val_loss", "test_loss", "best_val_loss", "best_epoch", "lr", "skipped_steps",
+    "seconds", "stopped_early",
 )
 #: how often (seconds) the figures on the device are read for the progress bar and the non-finite check
 SYNC_SECONDS = 1.0
@@ -199,17 +199,19 @@ class Trainer:
         """Where the model is, and where the data goes."""
         return next(self.model.parameters()).device
 
-    def fit(self, train: Tensor, val: Tensor | None = None, dynamic_binarization: bool = False) -> list[dict]:
-        """Train on ``train: (N, C, H, W)``; validate on ``val: (M, C, H, W)`` after every epoch.
+    def fit(self, train: Tensor, val: Tensor | None = None, dynamic_binarization: bool = False, test: Tensor | None = None) -> list[dict]:
+        """Train on ``train: (N, C, H, W)``; validate on ``val: (M, C, H, W)`` every ``config.eval_every`` epochs.
 
         dynamic_binarization: train on a fresh ``Bernoulli(pixels)`` draw of every batch.
+        test: images ``(T, C, H, W)`` scored like ``val`` (the model's validation loss) as the
+            history's ``test_loss``, to watch over- or under-fitting; never used for a decision.
         A new run seeds torch's global RNG with ``config.seed`` (see the module docs).
         Returns the history: one dict per epoch with the keys :data:`HISTORY_COLUMNS` and the
         model's own figures. Raises :class:`~pyrovae.errors.InputError` for unusable data (before
         training or writing any file), :class:`TrainingError` for a non-finite loss,
         :class:`KeyboardInterrupt` on SIGINT/SIGTERM.
         """
-        train, val = self._check_data(train, val, dynamic_binarization)
+        train, val, test = self._check_data(train, val, test, dynamic_binarization)
         if self._pending is not None:
             self._restore(self._pending, len(train), dynamic_binarization)
             self._pending = None
@@ -222,7 +224,7 @@ class Trainer:
             self.model.train()
             while not self._pos.done:
                 self._train_epoch(train, dynamic_binarization)
-                self._end_epoch(val)
+                self._end_epoch(val, test)
                 if self._signal is not None:
                     self._interrupt()
         return [dict(row) for row in self.history]
@@ -248,12 +250,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _check_data(self, train, val, dynamic_binarization: bool) -> tuple[Tensor, Tensor | None]:
+    def _check_data(self, train, val, test, dynamic_binarization: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Check every image and move the data to the model's device; nothing is written before.
 
         The same tensors, unchanged since (same in-place version), are not checked again by a later fit.
         """
-        key = (_Seen.of(train), _Seen.of(val), dynamic_binarization)
+        key = (_Seen.of(train), _Seen.of(val), _Seen.of(test), dynamic_binarization)
         if key != self._checked_data:
             if dynamic_binarization:
                 if not isinstance(train, Tensor) or not train.is_floating_point() or not bool(((train >= 0) & (train <= 1)).all()):
@@ -261,8 +263,9 @@ class Trainer:
                 self.model.check_input((train[:1] > 0.5).to(train.dtype))  # batches will be binary images like this one
             else:
                 self.model.check_input(train)
-            if val is not None:
-                self.model.check_input(val)
+            for held_out in (val, test):
+                if held_out is not None:
+                    self.model.check_input(held_out)
             self._checked_data = key
         if self.config.batch_size > len(train):
             raise InputError(
@@ -270,7 +273,7 @@ class Trainer:
             )
         if self.config.early_stopping_patience is not None and val is None:
             raise InputError("early_stopping_patience watches the validation loss: pass val data, or set it to None")
-        return train.to(self.device), None if val is None else val.to(self.device)
+        return tuple(None if x is None else x.to(self.device) for x in (train, val, test))
 
     def _phases(self) -> list[Phase]:
         """The model's phases that have epochs to run."""
@@ -299,6 +302,8 @@ class Trainer:
         options = {"lr": config.lr}
         if config.weight_decay:
             options["weight_decay"] = config.weight_decay
+        if config.optimizer_eps is not None:
+            options["eps"] = config.optimizer_eps
         if FUSED_ADAM and optimizer_class in (torch.optim.Adam, torch.optim.AdamW):
             try:
                 return optimizer_class(params, fused=True, **options)
@@ -319,6 +324,8 @@ class Trainer:
                 self.schedulers[group] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
             elif config.lr_schedule == "step":
                 self.schedulers[group] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epochs, gamma=0.5)
+            elif config.lr_schedule == "iwae":
+                self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(optimizer, StagedDecay(epochs))
         self._updater = _Updater(self.optimizers, config.grad_clip, config.skip_nonfinite)
 
     # ------------------------------------------------------------------ the loop
@@ -421,14 +428,16 @@ class Trainer:
         model.train()
         return float(total) / len(val)
 
-    def _end_epoch(self, val: Tensor | None) -> None:
+    def _end_epoch(self, val: Tensor | None, test: Tensor | None) -> None:
         """Validate, record the epoch, step the schedules, move on (maybe to the next phase), write files."""
         pos, phases = self._pos, self._phases()
         phase = phases[pos.phase]
         start = time.perf_counter()
         figures = self._epoch_figures()
         lr = float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
-        val_loss = self._validate(val) if val is not None else None
+        evaluate = (pos.epoch + 1) % self.config.eval_every == 0 or pos.epoch + 1 == phase.epochs
+        val_loss = self._validate(val) if val is not None and evaluate else None
+        test_loss = self._validate(test) if test is not None and evaluate else None
         for scheduler in self.schedulers.values():
             scheduler.step()
         stopped = False
@@ -443,6 +452,7 @@ class Trainer:
         row.update(figures)
         row.update({
             "val_loss": val_loss,
+            "test_loss": test_loss,
             "best_val_loss": pos.best_val_loss if phase.name == "train" else None,
             "best_epoch": pos.best_epoch if phase.name == "train" else None,
             "lr": lr,
