@@ -142,12 +142,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (a shorter try)")
+    parser.add_argument("--subset", type=int, default=None, help="override: images of each split (a shorter try)")
+    parser.add_argument("--nll-samples", type=int, default=None, help="override: k of the NLL (a shorter try)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     schedule = SCHEDULES[args.schedule]
     if args.epochs is not None:
         schedule = replace(schedule, epochs={**schedule.epochs, args.row: args.epochs})
+    if args.subset is not None:
+        schedule = replace(schedule, subset=args.subset)
+    if args.nll_samples is not None:
+        schedule = replace(schedule, nll_samples=args.nll_samples)
     folder = args.out or REPO / "runs" / "quality" / f"{args.row}-{args.schedule}"
     device = resolve_device(args.device)
     data = load_dataset("mnist", root=args.data_dir, device=device, binarize="dynamic", subset=schedule.subset, seed=0)

@@ -1,0 +1,57 @@
+"""The reproduction script ``benchmarks/quality.py``: its rows and schedules are wired, it writes its
+results and figures, and running it again continues instead of starting over (smoke sizes only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import quality  # noqa: E402
+from pyrovae.training import StagedDecay, load_model  # noqa: E402
+
+
+def test_rows_follow_the_paper():
+    for row, objective in (("vae", ("trace", 1)), ("iwae5", ("iwae", 5)), ("iwae50", ("iwae", 50))):
+        model, training = quality.configs(row, quality.SCHEDULES["paper"])
+        assert (model.elbo, model.num_particles) == objective
+        assert model.network.hidden == (200, 200) and model.network.latent_dim == 50 and model.network.activation == "tanh"
+        assert (training.epochs, training.batch_size, training.lr, training.optimizer_eps) == (3280, 20, 1e-3, 1e-4)
+        assert training.lr_schedule == "iwae" and model.kl_warmup_epochs == 0
+    assert StagedDecay(3280).stage_ends() == [1, 4, 13, 40, 121, 364, 1093, 3280]
+    vae, _ = quality.configs("vae", quality.SCHEDULES["cpu"])
+    iwae, _ = quality.configs("iwae5", quality.SCHEDULES["cpu"])
+    assert vae.kl_warmup_epochs == 50 and iwae.kl_warmup_epochs == 0  # no warm-up inside the IWAE bound
+
+
+def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir):
+    args = ["vae", "--schedule", "smoke", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu"]
+    first = quality.main(args)
+    assert first["epochs"] == 2 and first["test_images"] == 300 and first["nll_samples"] == 50
+    assert 80 < first["test_nll"] < 560 and "dynamic binarization" in first["protocol"]
+    for name in ("result.json", "nll.json", "learning_curve.png", "metrics.csv", "checkpoint.pt"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "result.json").read_text())["test_nll"] == first["test_nll"]
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert all(row["test_loss"] is not None for row in history)  # the learning curve's points
+    model, state = load_model(tmp_path)
+    assert state["position"]["done"]
+
+    again = quality.main(args)  # finished: nothing is trained or sampled again
+    assert again["test_nll"] == first["test_nll"] and again["epochs"] == 2
+
+
+@pytest.mark.parametrize("row, schedule", [("iwae50", "smoke"), ("iwae5", "paper")])
+def test_iwae50_and_the_paper_schedule_are_runnable(tmp_path, mnist_dir, row, schedule):
+    args = [row, "--schedule", schedule, "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu",
+            "--epochs", "1", "--subset", "100", "--nll-samples", "20"]
+    result = quality.main(args)
+    assert result["training_config"]["batch_size"] == quality.SCHEDULES[schedule].batch_size
+    assert result["model_config"]["num_particles"] == int(row.removeprefix("iwae"))
+    assert result["epochs"] == 1 and result["test_images"] == 100
