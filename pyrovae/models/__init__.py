@@ -1,8 +1,9 @@
-"""The models, by name: the Pyro VAE and the deterministic baselines."""
+"""The models, by name: the Pyro VAE, the adversarial autoencoder and the deterministic baselines."""
 
 from __future__ import annotations
 
 from ..errors import InputError
+from .aae import AAE, AAEConfig
 from .autoencoders import (
     AE,
     AEConfig,
@@ -17,7 +18,7 @@ from .base import AutoencoderMixin, Phase, Progress, TrainableModel, Update, con
 from .vae import VAE, VAEConfig
 
 __all__ = [
-    "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
+    "AAE", "AAEConfig", "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
     "DenoisingAEConfig", "VAE", "VAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
     "config_to_dict",
 ]
@@ -25,6 +26,7 @@ __all__ = [
 #: model name -> (class, config class)
 MODELS = {
     "vae": (VAE, VAEConfig),
+    "aae": (AAE, AAEConfig),
     "ae": (AE, AEConfig),
     "sparse": (SparseAE, SparseAEConfig),
     "stacked": (StackedAE, StackedAEConfig),

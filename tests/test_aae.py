@@ -1,0 +1,127 @@
+"""The adversarial autoencoder: its three updates per step, its losses, any prior, bit-for-bit resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_network
+from pyrovae.checkpoints import load_checkpoint
+from pyrovae.errors import InputError
+from pyrovae.models import AAE, AAEConfig, build_model
+from pyrovae.training import Trainer, TrainingConfig
+
+BATCH = 32
+
+
+def make(**changes) -> AAE:
+    torch.manual_seed(0)
+    return AAE(AAEConfig(network=tiny_network(), **changes))
+
+
+def config(**changes) -> TrainingConfig:
+    return TrainingConfig(**{"epochs": 2, "batch_size": BATCH, "progress": False, **changes})
+
+
+def test_each_update_moves_only_its_own_parameters_with_its_own_rate():
+    model = make(reconstruction_lr=1e-3, discriminator_lr=2e-3, generator_lr=3e-3)
+    groups = model.parameter_groups()
+    assert [group[0]["lr"] for group in groups.values()] == [1e-3, 2e-3, 3e-3]
+    x = torch.rand(BATCH, 1, 28, 28)
+    snapshots = []
+
+    def update(group, compute_loss):  # a stand-in for the Trainer's: record which parameters each update changes
+        optimizer = torch.optim.SGD(groups[group], lr=groups[group][0]["lr"])
+        optimizer.zero_grad()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        loss = compute_loss()
+        loss.backward()
+        optimizer.step()
+        snapshots.append((group, {name.split(".")[0] for name, p in model.named_parameters() if not torch.equal(p, before[name])}))
+        return loss.detach()
+
+    figures = model.training_step(x, update, progress=None)
+    assert snapshots == [("reconstruction", {"encoder", "decoder"}), ("discriminator", {"discriminator"}), ("generator", {"encoder"})]
+    assert list(figures) == ["loss", "discriminator_loss", "generator_loss"]
+
+
+def test_losses_by_hand():
+    model = make()
+    x = torch.rand(6, 1, 28, 28)
+    code = model.encoder(x)
+    recon = F.binary_cross_entropy_with_logits(model.decoder(code), x, reduction="sum") / 6
+    torch.testing.assert_close(model.loss(x), recon)
+    torch.manual_seed(1)
+    real = model.prior().sample((6,))
+    expected = -(F.logsigmoid(model.discriminator(real)).mean() + F.logsigmoid(-model.discriminator(code)).mean())
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.discriminator_loss(x), expected)
+    torch.testing.assert_close(model.generator_loss(x), -F.logsigmoid(model.discriminator(code)).mean())
+
+
+@pytest.mark.parametrize("prior", ["normal", "laplace", "student_t", "mixture"])
+def test_trains_with_every_builtin_prior(mnist, prior):
+    model = make(prior=prior)
+    history = Trainer(model, config()).fit(mnist.train[:128], val=mnist.test[:64])
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_loss"] < 540
+    assert model.sample(5).shape == (5, 1, 28, 28)
+
+
+def test_a_users_prior_plugs_in_and_a_wrong_event_shape_is_refused():
+    class Gumbel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("loc", torch.zeros(8))
+
+        def forward(self):
+            return dist.Gumbel(self.loc, 1.0).to_event(1)
+
+    model = AAE(AAEConfig(network=tiny_network()), prior=Gumbel())
+    assert model.discriminator_loss(torch.rand(4, 1, 28, 28)).isfinite()
+    with pytest.raises(InputError, match=r"event_shape \(8,\)"):
+        AAE(AAEConfig(network=tiny_network()), prior=lambda: dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    for bad in ({"discriminator_hidden": ()}, {"generator_lr": 0.0}, {"prior": "cauchy"}, {"loss": "l1"}):
+        with pytest.raises(InputError):
+            AAEConfig(**bad)
+
+
+def test_gaussian_posterior_samples_in_training_and_is_deterministic_in_eval():
+    model = make(gaussian_posterior=True)
+    x = torch.rand(4, 1, 28, 28)
+    assert not torch.equal(model.code(x), model.code(x))
+    model.eval()
+    assert torch.equal(model.code(x), model.encode(x)) and torch.equal(model.loss(x), model.loss(x))
+
+
+def test_an_interrupted_aae_run_resumes_bit_for_bit(tmp_path, mnist, monkeypatch):
+    train = mnist.train[:128]
+    reference = make()
+    expected = Trainer(reference, config()).fit(train)
+
+    model = make()
+    calls = []
+    original = model.generator_loss
+
+    def generator_loss(x):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2, step 2, after its reconstruction and discriminator updates
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(x)
+
+    monkeypatch.setattr(model, "generator_loss", generator_loss)
+    with pytest.raises(KeyboardInterrupt, match="step 2 of train epoch 2"):
+        Trainer(model, config(), out_dir=tmp_path, model_name="aae").fit(train)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(state["optimizer_states"]) == {"reconstruction", "discriminator", "generator"}
+
+    resumed = Trainer.resume(tmp_path, device="cpu")
+    history = resumed.fit(train)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert [row["train_loss"] for row in history] == [row["train_loss"] for row in expected]
+    assert isinstance(build_model("aae"), AAE)
