@@ -50,6 +50,8 @@ class NetworkConfig:
                  ``(400,)`` gives 784-400-L-400-784 on MNIST. Ignored when ``conv``.
     conv:        convolutional networks instead (for ``(1, 28, 28)`` and ``(3, 32, 32)`` images).
     activation:  one of :data:`ACTIVATIONS`.
+    dropout:     probability in ``[0, 1)`` of zeroing each hidden unit, after every hidden activation of
+                 encoder and decoder; active in training mode only (``model.eval()`` turns it off).
     """
 
     input_shape: tuple[int, ...] = (1, 28, 28)
@@ -57,6 +59,7 @@ class NetworkConfig:
     hidden: tuple[int, ...] = (400,)
     conv: bool = False
     activation: str = "relu"
+    dropout: float = 0.0
 
     def __post_init__(self):
         shape, hidden = tuple(self.input_shape), tuple(self.hidden)
@@ -70,16 +73,23 @@ class NetworkConfig:
             raise InputError(f"hidden widths must be positive integers, got {hidden}")
         if self.activation not in ACTIVATIONS:
             raise InputError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise InputError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if self.conv and shape not in CONV_SHAPES:
             raise InputError(f"conv networks are built for images of shape {CONV_SHAPES}, got {shape}; use the MLP")
 
 
-def _run_layers(layers: nn.ModuleList, activation: nn.Module, h: Tensor) -> Tensor:
-    """``layers`` in order with ``activation`` after each but the last (unpacked, not sliced:
-    slicing a ModuleList builds a new module on every call)."""
+def _dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or nothing at all for ``p = 0``."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _run_layers(layers: nn.ModuleList, activation: nn.Module, dropout: nn.Module, h: Tensor) -> Tensor:
+    """``layers`` in order with ``activation`` and ``dropout`` after each but the last (unpacked, not
+    sliced: slicing a ModuleList builds a new module on every call)."""
     *inner, last = layers
     for layer in inner:
-        h = activation(layer(h))
+        h = dropout(activation(layer(h)))
     return last(h)
 
 
@@ -96,7 +106,7 @@ class MLPEncoder(nn.Module):
     autoencoder pretrains them one at a time); the activation follows every layer but the last.
     """
 
-    def __init__(self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False):
+    def __init__(self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False, dropout: float = 0.0):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
@@ -105,9 +115,10 @@ class MLPEncoder(nn.Module):
         out = 2 * latent_dim if gaussian else latent_dim
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:] + [out])])
         self.activation = ACTIVATIONS[activation]()
+        self.dropout = _dropout(dropout)
 
     def forward(self, x: Tensor):
-        h = _run_layers(self.layers, self.activation, x.flatten(1))
+        h = _run_layers(self.layers, self.activation, self.dropout, x.flatten(1))
         return _split_gaussian(h) if self.gaussian else h
 
 
@@ -117,22 +128,25 @@ class MLPDecoder(nn.Module):
     ``hidden`` lists widths from the latent side outwards.
     """
 
-    def __init__(self, latent_dim: int, output_shape, hidden=(400,), activation: str = "relu"):
+    def __init__(self, latent_dim: int, output_shape, hidden=(400,), activation: str = "relu", dropout: float = 0.0):
         super().__init__()
         self.output_shape = tuple(output_shape)
         self.latent_dim = latent_dim
         widths = [latent_dim, *hidden, math.prod(self.output_shape)]
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
         self.activation = ACTIVATIONS[activation]()
+        self.dropout = _dropout(dropout)
 
     def forward(self, z: Tensor) -> Tensor:
-        return _run_layers(self.layers, self.activation, z).unflatten(-1, self.output_shape)
+        return _run_layers(self.layers, self.activation, self.dropout, z).unflatten(-1, self.output_shape)
 
 
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions and a linear head: ``(B, C, 28|32, 28|32) -> (B, L)`` (or loc, scale)."""
+    """Two stride-2 convolutions and a linear head: ``(B, C, 28|32, 28|32) -> (B, L)`` (or loc, scale).
 
-    def __init__(self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = 32):
+    ``dropout`` follows each convolution's activation."""
+
+    def __init__(self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = 32, dropout: float = 0.0):
         super().__init__()
         c, h, w = input_shape
         self.input_shape = tuple(input_shape)
@@ -140,8 +154,8 @@ class ConvEncoder(nn.Module):
         self.gaussian = gaussian
         act = ACTIVATIONS[activation]
         self.features = nn.Sequential(
-            nn.Conv2d(c, channels, 4, stride=2, padding=1), act(),
-            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), act(),
+            nn.Conv2d(c, channels, 4, stride=2, padding=1), act(), _dropout(dropout),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), act(), _dropout(dropout),
             nn.Flatten(),
         )
         flat = 2 * channels * (h // 4) * (w // 4)
@@ -155,16 +169,16 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Mirror of :class:`ConvEncoder`: ``(..., L) -> (..., C, 28|32, 28|32)`` of unconstrained outputs."""
 
-    def __init__(self, latent_dim: int, output_shape, activation: str = "relu", channels: int = 32):
+    def __init__(self, latent_dim: int, output_shape, activation: str = "relu", channels: int = 32, dropout: float = 0.0):
         super().__init__()
         c, h, w = output_shape
         self.output_shape = tuple(output_shape)
         self.latent_dim = latent_dim
         act = ACTIVATIONS[activation]
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, 2 * channels * (h // 4) * (w // 4)), act(),
+            nn.Linear(latent_dim, 2 * channels * (h // 4) * (w // 4)), act(), _dropout(dropout),
             nn.Unflatten(-1, (2 * channels, h // 4, w // 4)),
-            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), act(),
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), act(), _dropout(dropout),
             nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1),
         )
 
@@ -176,12 +190,12 @@ class ConvDecoder(nn.Module):
 def build_encoder(config: NetworkConfig, gaussian: bool = False) -> nn.Module:
     """The encoder that ``config`` describes; ``gaussian=True`` for a VAE guide."""
     if config.conv:
-        return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian)
-    return MLPEncoder(config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian)
+        return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian, dropout=config.dropout)
+    return MLPEncoder(config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian, dropout=config.dropout)
 
 
 def build_decoder(config: NetworkConfig) -> nn.Module:
     """The decoder that ``config`` describes, mirroring :func:`build_encoder`."""
     if config.conv:
-        return ConvDecoder(config.latent_dim, config.input_shape, config.activation)
-    return MLPDecoder(config.latent_dim, config.input_shape, tuple(reversed(config.hidden)), config.activation)
+        return ConvDecoder(config.latent_dim, config.input_shape, config.activation, dropout=config.dropout)
+    return MLPDecoder(config.latent_dim, config.input_shape, tuple(reversed(config.hidden)), config.activation, dropout=config.dropout)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pyrovae.errors import InputError
 from pyrovae.nets import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -97,3 +98,24 @@ def test_config_normalises_lists_to_tuples():
 def test_bad_config_values(changes, message):
     with pytest.raises(ValueError, match=message):
         NetworkConfig(**changes)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_dropout_acts_in_training_only(conv):
+    config = NetworkConfig(input_shape=(1, 28, 28), latent_dim=4, hidden=(64,), conv=conv, dropout=0.5)
+    encoder, decoder = build_encoder(config, gaussian=True), build_decoder(config)
+    x, z = torch.rand(8, 1, 28, 28), torch.randn(8, 4)
+    assert not torch.equal(encoder(x)[0], encoder(x)[0]) and not torch.equal(decoder(z), decoder(z))
+    encoder.eval(), decoder.eval()
+    assert torch.equal(encoder(x)[0], encoder(x)[0]) and torch.equal(decoder(z), decoder(z))
+    plain = NetworkConfig(input_shape=(1, 28, 28), latent_dim=4, hidden=(64,), conv=conv)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in build_encoder(plain).modules())  # p=0 adds nothing
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, True, "0.2"])
+def test_dropout_outside_zero_one_is_refused(p):
+    with pytest.raises(InputError, match=r"dropout must be a probability in \[0, 1\)"):
+        NetworkConfig(dropout=p)
