@@ -173,12 +173,14 @@ def interpolations(model, x, steps: int = 10, pairs: int = 8, path=None) -> Figu
     return _finish(figure, path)
 
 
-def latent_scatter(model, x: Tensor, labels: Tensor, path=None) -> Figure:
+def latent_scatter(model, x: Tensor, labels: Tensor, path=None, prior_samples: Tensor | None = None) -> Figure:
     """The codes of ``x: (N, C, H, W)`` as a 2-D scatter coloured by ``labels: (N,)``.
 
     Two-dimensional codes are drawn as they are; longer codes are projected on their first two
     principal components (the axes say how much of the codes' variance each keeps). Up to 20
-    classes get a legend, more a colour bar.
+    classes get a legend, more a colour bar. ``prior_samples: (M, L)``, draws from the prior, are
+    drawn underneath in grey (and then the projection is the prior samples' principal components),
+    to show how closely the codes follow the prior.
     """
     _check_images(x)
     labels = torch.as_tensor(labels).cpu()
@@ -188,18 +190,27 @@ def latent_scatter(model, x: Tensor, labels: Tensor, path=None) -> Figure:
     latent_dim = codes.shape[1]
     if latent_dim < 2:
         raise InputError(f"a scatter needs codes of at least two dimensions, this model's have {latent_dim}")
+    if prior_samples is not None:
+        prior_samples = torch.as_tensor(prior_samples).detach().cpu().to(codes.dtype)
+        if prior_samples.dim() != 2 or prior_samples.shape[1] != latent_dim:
+            raise InputError(f"prior_samples must be (M, {latent_dim}), got {tuple(prior_samples.shape)}")
     if latent_dim == 2:
-        points, axis_names = codes, ["z₁", "z₂"]
+        points, axis_names, background = codes, ["z₁", "z₂"], prior_samples
     else:
-        pca = PCA(2).fit(codes)
+        basis = codes if prior_samples is None else prior_samples
+        pca = PCA(2).fit(basis)
         points = pca.encode(codes)
-        share = (pca.explained_variance / codes.var(0).sum()).tolist()
-        axis_names = [f"principal component {i + 1} of z ({100 * s:.0f}% of variance)" for i, s in enumerate(share)]
+        background = None if prior_samples is None else pca.encode(prior_samples)
+        share = (pca.explained_variance / basis.var(0).sum()).tolist()
+        of = "z" if prior_samples is None else "the prior"
+        axis_names = [f"principal component {i + 1} of {of} ({100 * s:.0f}% of variance)" for i, s in enumerate(share)]
     points, values = points.numpy(), labels.numpy()
     classes = np.unique(values)
 
     figure = _figure(6.4, 5.4)
     ax = figure.add_subplot()
+    if background is not None:
+        ax.scatter(background[:, 0].numpy(), background[:, 1].numpy(), c="0.75", s=4, alpha=0.5, linewidths=0, label="prior samples")
     if len(classes) <= 20:
         palette = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"].colors
         cmap = ListedColormap(palette[: len(classes)])
@@ -212,7 +223,8 @@ def latent_scatter(model, x: Tensor, labels: Tensor, path=None) -> Figure:
         figure.colorbar(scatter, ax=ax, label="label")
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
-    ax.set_title(f"{_name(model)}: codes of {len(x)} images")
+    over = "" if background is None else f" over {len(background)} prior samples (grey)"
+    ax.set_title(f"{_name(model)}: codes of {len(x)} images{over}")
     return _finish(figure, path)
 
 

@@ -63,6 +63,20 @@ def test_latent_scatter_projects_long_codes(models, mnist, tmp_path):
         plots.latent_scatter(models["vae"], x, labels[:10])
 
 
+def test_latent_scatter_draws_codes_over_prior_samples_in_the_priors_projection(models, mnist, tmp_path):
+    x, labels = mnist.test[:100], mnist.test_labels[:100]
+    prior = torch.randn(500, 8) * torch.tensor([5.0, 3.0, 1, 1, 1, 1, 1, 1])  # two long axes
+    figure = plots.latent_scatter(models["vae"], x, labels, path=tmp_path / "over.png", prior_samples=prior)
+    ax = figure.axes[0]
+    grey, codes = ax.collections[0].get_offsets(), ax.collections[1].get_offsets()
+    assert len(grey) == 500 and len(codes) == 100 and "over 500 prior samples" in ax.get_title()
+    assert "of the prior" in ax.get_xlabel()
+    spread = torch.as_tensor(grey).std(0)
+    assert spread[0] == pytest.approx(5.0, rel=0.15) and spread[1] == pytest.approx(3.0, rel=0.15)  # the prior's own axes
+    with pytest.raises(ValueError, match=r"prior_samples must be \(M, 8\)"):
+        plots.latent_scatter(models["vae"], x, labels, prior_samples=torch.randn(10, 3))
+
+
 def test_manifold_only_for_two_latent_dimensions(images, models, tmp_path):
     vae2 = VAE(VAEConfig(network=tiny_network(latent_dim=2))).eval()
     assert_png(plots.manifold(vae2, n=5, path=tmp_path / "manifold.png"), tmp_path / "manifold.png")
