@@ -9,7 +9,8 @@ caller drops it (in a notebook, display it by leaving it as a cell's value).
 Images are ``(B, C, H, W)`` with values in ``[0, 1]`` and 1 (grey levels) or 3 (RGB) channels;
 a model is anything with ``encode: (B, C, H, W) -> (B, L)``, ``decode: (B, L) -> (B, C, H, W)``
 and ``reconstruct`` (the VAE, the autoencoders, :class:`~pyrovae.evaluation.PCA`), and
-``sample(n)`` where it can sample. Grids come from :func:`torchvision.utils.make_grid`.
+``sample(n)`` where it can sample. Models draw in eval mode (dropout off) and are left in the
+mode they were in. Grids come from :func:`torchvision.utils.make_grid`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torchvision.utils import make_grid
 
 from .errors import InputError
 from .evaluation import PCA
+from .models.base import evaluating
 
 __all__ = ["reconstructions", "samples", "interpolations", "latent_scatter", "manifold", "training_curves", "comparison"]
 
@@ -91,7 +93,7 @@ def _show_grid(ax, images: Tensor, ncol: int, row_labels=None, col_labels=None) 
 def _encode(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """Codes ``(N, L)`` of ``x``, computed in batches on the model's device, returned on the CPU."""
     device = _device(model, x.device)
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         return torch.cat([model.encode(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]).flatten(1)
 
 
@@ -104,7 +106,7 @@ def reconstructions(model, x: Tensor, n: int = 8, path=None) -> Figure:
     if n <= 0:
         raise InputError(f"n must be positive, got {n}")
     x = x[:n].to(_device(model, x.device))
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         recon = model.reconstruct(x)
     figure = _figure(CELL_INCHES * len(x) + 1.4, CELL_INCHES * 2 + 0.6)
     ax = figure.add_subplot()
@@ -119,7 +121,8 @@ def samples(vae, n: int = 64, path=None) -> Figure:
         raise InputError(f"a {_name(vae)} has no prior to sample from; use a VAE")
     if n <= 0:
         raise InputError(f"n must be positive, got {n}")
-    images = vae.sample(n)
+    with evaluating(vae):
+        images = vae.sample(n)
     ncol = math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
     figure = _figure(CELL_INCHES * ncol + 0.4, CELL_INCHES * nrow + 0.6)
@@ -158,7 +161,7 @@ def interpolations(model, x, steps: int = 10, pairs: int = 8, path=None) -> Figu
         starts, ends = x[0::2], x[1::2]
     device = _device(model, starts.device)
     starts, ends = starts.to(device), ends.to(device)
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         z_a, z_b = model.encode(starts), model.encode(ends)  # (P, L)
         t = torch.linspace(0, 1, steps, device=z_a.device).view(1, steps, 1)
         z = (1 - t) * z_a.unsqueeze(1) + t * z_b.unsqueeze(1)  # (P, steps, L)
@@ -243,7 +246,7 @@ def manifold(vae, n: int = 20, path=None) -> Figure:
     z1 = quantiles.repeat(n)  # columns: left to right
     z2 = quantiles.flip(0).repeat_interleave(n)  # rows: top to bottom, so z₂ grows upwards
     z = torch.stack([z1, z2], dim=1).to(_device(vae, torch.device("cpu")))
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(vae):
         images = vae.decode(z)
     ticks = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
     figure = _figure(CELL_INCHES * n * 0.75 + 1.0, CELL_INCHES * n * 0.75 + 0.9)
@@ -301,7 +304,7 @@ def comparison(models: dict, x: Tensor, n: int = 8, path=None) -> Figure:
     x = x[:n]
     recon_rows, recon_names = [x.cpu()], ["input"]
     sample_rows, sample_names = [], []
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(*models.values()):
         for name, model in models.items():
             recon_rows.append(model.reconstruct(x.to(_device(model, x.device))).cpu())
             recon_names.append(name)

@@ -121,3 +121,17 @@ def test_colour_images(tmp_path):
     assert figure.axes[0].get_images()[0].get_array().shape[-1] == 3  # drawn in colour, not through a colormap
     with pytest.raises(ValueError, match="channels"):
         plots.reconstructions(pca, torch.rand(4, 2, 8, 8))
+
+
+def test_figures_draw_in_eval_mode_and_leave_the_mode_alone(mnist, tmp_path):
+    """With dropout, a figure drawn twice is the same picture, and a training model stays in training."""
+    vae = VAE(VAEConfig(network=tiny_network(dropout=0.5))).train()
+    x = mnist.test[:8]
+    first = plots.reconstructions(vae, x).axes[0].images[0].get_array()
+    second = plots.reconstructions(vae, x).axes[0].images[0].get_array()
+    assert vae.training and (first == second).all()
+    torch.manual_seed(0)
+    a = plots.samples(vae, n=4).axes[0].images[0].get_array()
+    torch.manual_seed(0)
+    b = plots.samples(vae, n=4).axes[0].images[0].get_array()
+    assert (a == b).all() and vae.training

@@ -24,16 +24,17 @@ then discriminator, then generator) calls ``update`` once per group, in order.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import InputError
 from ..likelihoods import check_observations
 
-__all__ = ["TrainableModel", "AutoencoderMixin", "Phase", "Progress", "Update", "config_to_dict"]
+__all__ = ["TrainableModel", "AutoencoderMixin", "Phase", "Progress", "Update", "config_to_dict", "evaluating"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +145,17 @@ class AutoencoderMixin(TrainableModel):
 def config_to_dict(config) -> dict:
     """A plain, JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)
+
+
+@contextmanager
+def evaluating(*models):
+    """Inside, every model given (those that are ``nn.Module``) is in eval mode: dropout is off and
+    the results are deterministic; after, each is back in the mode it was in."""
+    modes = [(model, model.training) for model in models if isinstance(model, nn.Module)]
+    for model, _ in modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in modes:
+            model.train(training)
