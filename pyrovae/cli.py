@@ -1,12 +1,21 @@
 """The ``pyrovae`` command: train, eval, sample, interpolate, compare.
 
-Every subcommand prints one line ``pyrovae: error: ...`` and exits with status 2 on a bad
-input (unknown names, missing data, a broken checkpoint, ...), rather than a traceback.
+Options shared by subcommands are defined once, in parent parsers (data, network, training,
+device, ...), and every name an option takes (models, priors, likelihoods, ELBOs, activations,
+datasets, optimizers) is offered from the library's registries, so ``--help`` lists them all.
+
+Errors: argparse refuses a malformed option or an unknown name (usage and message, status 2).
+Bad input found later (an :class:`~pyrovae.errors.InputError`, such as a broken checkpoint or an
+option the model does not take; a dataset that is not there; a training loss that became NaN)
+prints one line ``pyrovae: error: ...`` and exits with status 2; any other exception is a bug and
+keeps its traceback. A training run interrupted by Ctrl-C or SIGTERM keeps its checkpoint and
+exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -15,16 +24,21 @@ from pathlib import Path
 import torch
 
 from . import plots
-from .checkpoints import CheckpointError, write_text_atomic
-from .data import DatasetNotFoundError, load_dataset
+from .checkpoints import write_text_atomic
+from .data import BINARIZATION, DATASETS, DatasetNotFoundError, load_dataset
 from .devices import resolve_device
 from .errors import InputError
 from .evaluation import PCA, evaluate
+from .likelihoods import LIKELIHOODS
 from .models import MODELS, build_model
-from .nets import NetworkConfig
+from .models.vae import ELBOS
+from .nets import ACTIVATIONS, NetworkConfig
+from .priors import PRIORS
 from .training import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    LR_SCHEDULES,
+    OPTIMIZERS,
     Trainer,
     TrainingConfig,
     TrainingError,
@@ -33,9 +47,25 @@ from .training import (
 
 __all__ = ["main", "build_parser"]
 
+#: train's options for fields of a model's own config: flag -> field (only the models with the field take it)
+MODEL_OPTIONS = {
+    "--prior": "prior",
+    "--likelihood": "likelihood",
+    "--beta": "beta",
+    "--elbo": "elbo",
+    "--num-particles": "num_particles",
+    "--kl-warmup": "kl_warmup_epochs",
+}
+#: what `pyrovae compare` can train: the models, and PCA as a linear baseline
+COMPARABLE = (*sorted(MODELS), "pca")
+COMPARE_DEFAULT = "vae,ae,sparse,stacked,denoising,aae,pca"
+
+
+# --------------------------------------------------------------------------- option types
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    """``"512,256"`` -> ``(512, 256)``: positive layer widths."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -45,75 +75,135 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="mnist", help="mnist, fashion_mnist, kmnist or cifar10 (default: mnist)")
-    parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $PYROVAE_DATA or ./data)")
-    parser.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none", help="pixel binarization (default: none, grey levels in [0, 1])")
-    parser.add_argument("--val-size", type=int, default=0, help="training images held out for validation and early stopping (default: 0)")
-    parser.add_argument("--subset", type=int, default=None, help="use at most this many images of each split (quick runs)")
+def _model_list(text: str) -> list[str]:
+    """``"vae,ae,pca"`` -> ``["vae", "ae", "pca"]``: names from :data:`COMPARABLE`, each once."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in COMPARABLE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown}; choose from {', '.join(COMPARABLE)}")
+    return names
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden", type=_int_list, default=(400,), help="MLP hidden widths from the image side, e.g. 512,256 (default: 400)")
-    parser.add_argument("--latent-dim", type=int, default=50, help="size of the code z (default: 50)")
-    parser.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP")
-    parser.add_argument("--activation", default="relu", help="hidden activation (default: relu)")
+def _dataset_name(text: str) -> str:
+    """A dataset name as :func:`pyrovae.data.load_dataset` reads it: ``Fashion-MNIST`` is ``fashion_mnist``."""
+    return text.lower().replace("-", "_")
 
 
-def _add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
-    parser.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default: {epochs})")
-    parser.add_argument("--batch-size", type=int, default=256, help="minibatch size (default: 256)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of Adam (default: 1e-3)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _or_none(names) -> list[str]:
+    """The choices of an option whose ``None`` is spelled ``none``: ``"none"``, then the sorted names."""
+    return ["none", *sorted(n for n in names if n is not None)]
+
+
+def _none(value: str):
+    """``None`` for ``"none"``, else ``value``."""
+    return None if value == "none" else value
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _new_parent(title: str) -> tuple:
+    """A parent parser (no ``-h``) and its argument group ``title``, which ``--help`` shows as a section."""
+    parent = argparse.ArgumentParser(add_help=False)
+    return parent, parent.add_argument_group(title)
+
+
+def _data_parent() -> argparse.ArgumentParser:
+    parent, group = _new_parent("data")
+    group.add_argument("--dataset", type=_dataset_name, choices=sorted(DATASETS), default="mnist", help="dataset (default: %(default)s)")
+    group.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $PYROVAE_DATA or ./data)")
+    group.add_argument("--binarize", choices=_or_none(BINARIZATION), default="none", help="pixel binarization (default: none, grey levels in [0, 1])")
+    group.add_argument("--val-size", type=int, default=0, help="training images held out for validation, which --patience needs for early stopping (default: 0)")
+    group.add_argument("--subset", type=int, default=None, help="use at most this many images of each split (quick runs)")
+    return parent
+
+
+def _network_parent() -> argparse.ArgumentParser:
+    parent, group = _new_parent("network")
+    group.add_argument("--hidden", type=_int_list, default=(400,), help="MLP hidden widths from the image side, e.g. 512,256 (default: 400)")
+    group.add_argument("--latent-dim", type=int, default=50, help="size of the code z (default: %(default)s)")
+    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP")
+    group.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (default: %(default)s)")
+    group.add_argument("--dropout", type=float, default=0.0, help="probability of dropping each hidden unit in training; off for evaluation, sampling and figures (default: %(default)s)")
+    return parent
+
+
+def _training_parent(epochs: int) -> argparse.ArgumentParser:
+    parent, group = _new_parent("training")
+    group.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=256, help="minibatch size (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    group.add_argument("--optimizer", type=str.lower, choices=sorted(OPTIMIZERS), default="adam", help="torch.optim optimizer (default: %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay (default: %(default)s)")
+    group.add_argument("--lr-schedule", choices=_or_none(LR_SCHEDULES), default="none", help="cosine decay to 0, halving every --lr-step-epochs (step), or the IWAE paper's stages (default: none)")
+    group.add_argument("--lr-step-epochs", type=int, default=10, help="epochs between halvings of the step schedule (default: %(default)s)")
+    group.add_argument("--grad-clip", type=float, default=None, help="largest gradient norm of each step (default: no clipping)")
+    group.add_argument("--patience", type=int, default=None, help="stop early after this many epochs without a better validation loss; needs --val-size (default: never)")
+    group.add_argument("--eval-every", type=int, default=1, help="epochs between validation and test-monitor scores (default: %(default)s)")
+    group.add_argument("--eval-images", type=int, default=1000, help="test images whose loss the history records every --eval-every epochs, to watch over- or under-fitting; 0 for none (default: %(default)s)")
+    group.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN or infinite instead of stopping with an error")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parent
+
+
+def _model_options_group(parser: argparse.ArgumentParser) -> None:
+    """train's options for a model's own config; each is left out of ``args`` unless given (see :func:`_model_config`)."""
+    group = parser.add_argument_group("model (each option applies to the models whose config has it)")
+    group.add_argument("--prior", choices=sorted(PRIORS), default=argparse.SUPPRESS, help=_model_help("prior p(z)", "prior"))
+    group.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=argparse.SUPPRESS, help=_model_help("likelihood p(x|z)", "likelihood"))
+    group.add_argument("--beta", type=float, default=argparse.SUPPRESS, help=_model_help("KL weight beta", "beta"))
+    group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
+    group.add_argument("--num-particles", type=int, default=argparse.SUPPRESS, help=_model_help("samples of z per image in the objective (k of the IWAE bound)", "num_particles"))
+    group.add_argument("--kl-warmup", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
+
+
+def _model_help(text: str, field: str) -> str:
+    """``text``, the models whose config has ``field``, and its default there."""
+    defaults = {name: _fields(config_class)[field].default for name, (_, config_class) in MODELS.items() if field in _fields(config_class)}
+    return f"{text} ({', '.join(defaults)}; default: {next(iter(defaults.values()))})"
+
+
+def _fields(config_class) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class)}
+
+
+def _single_option_parent(*flags: str, **options) -> argparse.ArgumentParser:
+    """A parent parser holding one option."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **options)
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyrovae`` parser: one subcommand per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="pyrovae", description="Train, evaluate and compare VAEs (Pyro) and autoencoder baselines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data, network = _data_parent(), _network_parent()
+    device = _single_option_parent("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    seed = _single_option_parent("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
+    run = _single_option_parent("run", help="run folder written by `pyrovae train`")
+    num_samples = _single_option_parent("--num-samples", type=int, default=1000, help="importance samples k per image for a VAE's NLL (default: %(default)s)")
 
-    train = sub.add_parser("train", help="train a model and write a run folder", description="Train a model; write its config, checkpoint, metrics, figures and a summary to --out. With no options: the VAE on MNIST.")
-    train.add_argument("--model", default="vae", help="vae, ae, sparse, stacked or denoising (default: vae)")
-    train.add_argument("--out", default="runs/vae", help="run folder (default: runs/vae)")
+    train = sub.add_parser("train", parents=[data, network, _training_parent(epochs=10), seed, device], help="train a model and write a run folder", description="Train a model; write its config, checkpoint, metrics, figures and a summary to --out. With no options: the VAE on MNIST.")
+    train.add_argument("--model", choices=sorted(MODELS), default="vae", help="model to train (default: %(default)s)")
+    train.add_argument("--out", default="runs/vae", help="run folder (default: %(default)s)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved options are used)")
-    _add_data_options(train)
-    _add_model_options(train)
-    train.add_argument("--prior", default="normal", help="VAE prior: normal, laplace, student_t or mixture (default: normal)")
-    train.add_argument("--likelihood", default="bernoulli", help="VAE likelihood: bernoulli, continuous_bernoulli, normal or laplace (default: bernoulli)")
-    train.add_argument("--elbo", default="trace", help="trace (Trace_ELBO), meanfield (TraceMeanField_ELBO) or iwae (RenyiELBO, alpha=0) (default: trace)")
-    train.add_argument("--num-particles", type=int, default=1, help="samples of z per image in the ELBO (k of the IWAE bound) (default: 1)")
-    train.add_argument("--beta", type=float, default=1.0, help="KL weight beta (default: 1)")
-    train.add_argument("--kl-warmup", type=int, default=0, help="epochs of linear KL warm-up from 0 to beta (default: 0)")
-    _add_training_options(train, epochs=10)
+    _model_options_group(train)
 
-    ev = sub.add_parser("eval", help="evaluate a trained run", description="Test ELBO, importance-sampled NLL, reconstruction error and linear-probe accuracy of a run; printed as a table and written to DIR/eval.json.")
-    ev.add_argument("run", help="run folder written by `pyrovae train`")
-    ev.add_argument("--num-samples", type=int, default=1000, help="importance samples k per image for the NLL (default: 1000)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    sub.add_parser("eval", parents=[run, num_samples, device], help="evaluate a trained run", description="Test ELBO, importance-sampled NLL, reconstruction error and linear-probe accuracy of a run; printed as a table and written to RUN/eval.json.")
 
-    sample = sub.add_parser("sample", help="draw images from a trained VAE's prior", description="Decode samples from the prior of a trained VAE into a PNG grid.")
-    sample.add_argument("run", help="run folder of a VAE")
-    sample.add_argument("-n", type=int, default=64, help="number of images (default: 64)")
-    sample.add_argument("-o", "--output", default="samples.png", help="PNG file to write (default: samples.png)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    sample = sub.add_parser("sample", parents=[run, seed, device], help="draw images from a trained VAE's prior", description="Decode samples from the prior of a trained VAE into a PNG grid.")
+    sample.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
+    sample.add_argument("-o", "--output", default="samples.png", help="PNG file to write (default: %(default)s)")
 
-    interp = sub.add_parser("interpolate", help="interpolate between test images in latent space", description="Decode straight lines between the codes of pairs of test images into a PNG grid.")
-    interp.add_argument("run", help="run folder written by `pyrovae train`")
-    interp.add_argument("-o", "--output", default="interpolations.png", help="PNG file to write (default: interpolations.png)")
-    interp.add_argument("--pairs", type=int, default=8, help="pairs of test images, one row each (default: 8)")
-    interp.add_argument("--steps", type=int, default=10, help="images per row (default: 10)")
-    interp.add_argument("--seed", type=int, default=0, help="seed for choosing the pairs (default: 0)")
-    interp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    interp = sub.add_parser("interpolate", parents=[run, seed, device], help="interpolate between test images in latent space", description="Decode straight lines between the codes of pairs of test images into a PNG grid.")
+    interp.add_argument("-o", "--output", default="interpolations.png", help="PNG file to write (default: %(default)s)")
+    interp.add_argument("--pairs", type=int, default=8, help="pairs of test images, one row each (default: %(default)s)")
+    interp.add_argument("--steps", type=int, default=10, help="images per row (default: %(default)s)")
 
-    compare = sub.add_parser("compare", help="train and compare several models with the same networks and budget", description="Train each model with the same networks, data and epochs; write comparison.md, comparison.json and comparison.png to --out.")
-    compare.add_argument("--models", default="vae,ae,sparse,stacked,denoising,pca", help="comma-separated: vae, ae, sparse, stacked, denoising, pca (default: all)")
-    compare.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
-    compare.add_argument("--num-samples", type=int, default=1000, help="importance samples k for the VAE's NLL (default: 1000)")
-    _add_data_options(compare)
-    _add_model_options(compare)
-    _add_training_options(compare, epochs=5)
+    compare = sub.add_parser("compare", parents=[data, network, _training_parent(epochs=5), seed, num_samples, device], help="train and compare several models with the same networks and budget", description="Train each model with the same networks, data and epochs into OUT/MODEL (a run folder, like `pyrovae train`'s); write comparison.md, comparison.json and comparison.png to --out.")
+    compare.add_argument("--models", type=_model_list, default=COMPARE_DEFAULT, help=f"comma-separated, from {', '.join(COMPARABLE)} (default: %(default)s)")
+    compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     return parser
 
 
@@ -121,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_options(args) -> dict:
+    """The options of :func:`pyrovae.data.load_dataset`; a run folder keeps them to load its data again."""
     return {
         "name": args.dataset,
         "root": args.data_dir,
-        "binarize": None if args.binarize == "none" else args.binarize,
+        "binarize": _none(args.binarize),
         "val_size": args.val_size,
         "subset": args.subset,
         "seed": args.seed,
@@ -135,35 +226,57 @@ def _load_data(options: dict, device):
     return load_dataset(device=device, **options)
 
 
-def _network_config(args, image_shape):
-    return NetworkConfig(input_shape=image_shape, latent_dim=args.latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation)
+def _network_config(args, image_shape) -> NetworkConfig:
+    return NetworkConfig(input_shape=image_shape, latent_dim=args.latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout)
 
 
-def _model_config(name: str, network, **vae_options):
-    """The config of model ``name`` with ``network``; ``vae_options`` (prior, likelihood, beta) for the VAE."""
-    if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+def _model_config(name: str, network: NetworkConfig, options: dict):
+    """The config of model ``name`` with ``network`` and ``options`` (fields of it); an option it lacks is an error."""
     config_class = MODELS[name][1]
-    return config_class(network=network, **(vae_options if name == "vae" else {}))
+    unused = [flag for flag, field in MODEL_OPTIONS.items() if field in options and field not in _fields(config_class)]
+    if unused:
+        raise InputError(f"--model {name} takes no {' or '.join(unused)}")
+    return config_class(network=network, **options)
 
 
-def _training_config(args, **extra):
-    return TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress, **extra)
+def _training_config(args) -> TrainingConfig:
+    if args.eval_images < 0:
+        raise InputError(f"--eval-images must be 0 or more, got {args.eval_images}")
+    if args.patience is not None and args.val_size <= 0:
+        raise InputError("--patience stops early on the validation loss: hold out validation images with --val-size N (N > 0)")
+    return TrainingConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        lr_schedule=_none(args.lr_schedule),
+        lr_step_epochs=args.lr_step_epochs,
+        grad_clip=args.grad_clip,
+        eval_every=args.eval_every,
+        early_stopping_patience=args.patience,
+        skip_nonfinite=args.skip_nonfinite,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def _write_json(path: Path, value) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
 
 
-def _data_options_of_run(folder: Path) -> dict:
-    """How the run in ``folder`` loaded its data (kept in its config.json by ``pyrovae train``)."""
+def _run_metadata(folder: Path) -> dict:
+    """What ``pyrovae train`` or ``compare`` kept in the run's config.json: ``"data"`` (the options
+    of :func:`pyrovae.data.load_dataset`) and ``"eval_images"`` (the test images it monitors)."""
     config_file = folder / CONFIG_FILE
     if not config_file.exists():
         raise InputError(f"{folder} is not a run folder: it has no {CONFIG_FILE} (train one with `pyrovae train --out {folder}`)")
     try:
-        return json.loads(config_file.read_text())["metadata"]["data"]
-    except (ValueError, KeyError, TypeError):
+        metadata = json.loads(config_file.read_text())["metadata"]
+        metadata["data"]["name"]
+    except (json.JSONDecodeError, KeyError, TypeError):
         raise InputError(f"{config_file} does not say how the run loaded its data: was it written by `pyrovae train`?") from None
+    return metadata
 
 
 def _load_run(run: str, device):
@@ -171,12 +284,13 @@ def _load_run(run: str, device):
     folder = Path(run)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a run folder (train one with `pyrovae train --out {folder}`)")
-    options = _data_options_of_run(folder)
+    options = _run_metadata(folder)["data"]
     model, _ = load_model(folder)
     return model.to(device).eval(), _load_data(options, device)
 
 
 def _figures(model, data, history, folder: Path) -> list[str]:
+    """Write the run's figures into ``folder``; their file names."""
     written = []
     x = data.test
     plots.reconstructions(model, x, path=folder / "reconstructions.png")
@@ -196,6 +310,7 @@ def _figures(model, data, history, folder: Path) -> list[str]:
 
 
 def _format_table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of ``rows``; floats to 4 significant digits, ``-`` for missing values."""
     def cell(value):
         if value is None:
             return "-"
@@ -210,24 +325,31 @@ def _format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def cmd_train(args) -> None:
+    """Train a new run into ``--out`` (never over one), or continue it with ``--resume``; evaluate and plot it."""
     device = resolve_device(args.device)
     folder = Path(args.out)
     if args.resume:
-        data = _load_data(_data_options_of_run(folder), device)
+        metadata = _run_metadata(folder)
+        data = _load_data(metadata["data"], device)
         trainer = Trainer.resume(folder, device=device)
     else:
         if (folder / CHECKPOINT_FILE).exists():
             raise InputError(f"{folder} already holds a run: continue it with --resume, or choose another --out")
+        training = _training_config(args)
         options = _data_options(args)
         data = _load_data(options, device)
-        network = _network_config(args, data.image_shape)
-        config = _model_config(args.model, network, prior=args.prior, likelihood=args.likelihood, beta=args.beta)
+        model_options = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if hasattr(args, field)}
+        config = _model_config(args.model, _network_config(args, data.image_shape), model_options)
         model = build_model(args.model, config).to(device)
-        training = _training_config(args, elbo=args.elbo, num_particles=args.num_particles, kl_warmup_epochs=args.kl_warmup)
-        trainer = Trainer(model, training, out_dir=folder, model_name=args.model, metadata={"data": options})
+        metadata = {"data": options, "eval_images": args.eval_images}
+        trainer = Trainer(model, training, out_dir=folder, model_name=args.model, metadata=metadata)
 
     start = time.perf_counter()
-    history = trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization)
+    monitor = data.test[: metadata.get("eval_images", 0)]
+    try:
+        history = trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, test=monitor if len(monitor) else None)
+    except KeyboardInterrupt as interrupt:
+        raise KeyboardInterrupt(f"{interrupt}; from the command line: pyrovae train --out {folder} --resume") from None
     seconds = time.perf_counter() - start
     model = trainer.model.eval()
     results = evaluate(model, data, num_samples=0)
@@ -239,17 +361,24 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    """Evaluate a run; print the results and write them to RUN/eval.json."""
     device = resolve_device(args.device)
     if args.num_samples < 0:
         raise InputError(f"--num-samples must be non-negative, got {args.num_samples}")
     model, data = _load_run(args.run, device)
     results = evaluate(model, data, num_samples=args.num_samples)
+    results["test_images"] = len(data.test)
+    results["protocol"] = data.protocol
+    if "nll" in results:
+        results["nll_samples"] = args.num_samples
     _write_json(Path(args.run) / "eval.json", results)
-    print(_format_table([results], list(results)))
-    print(json.dumps(results))
+    print(f"test set: {len(data.test)} images of {data.name}, {data.protocol}"
+          + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else ""))
+    print(_format_table([results], [k for k in results if k != "protocol"]))
 
 
 def cmd_sample(args) -> None:
+    """Decode draws from a VAE run's prior into a PNG grid."""
     device = resolve_device(args.device)
     model, _ = _load_run(args.run, device)
     if not hasattr(model, "sample"):
@@ -260,6 +389,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_interpolate(args) -> None:
+    """Decode latent interpolations between random pairs of test images into a PNG grid."""
     device = resolve_device(args.device)
     model, data = _load_run(args.run, device)
     generator = torch.Generator().manual_seed(args.seed)
@@ -271,24 +401,26 @@ def cmd_interpolate(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-
-    unknown = [n for n in names if n not in MODELS and n != "pca"]
-    if unknown or not names:
-        raise InputError(f"unknown model(s) {unknown}; choose from {sorted(MODELS) + ['pca']}")
-    device = resolve_device(args.device)
+    """Train each of ``--models`` into OUT/MODEL (never over a run), evaluate them and write the comparison."""
     folder = Path(args.out)
-    data = _load_data(_data_options(args), device)
+    existing = [str(folder / name) for name in args.models if (folder / name / CHECKPOINT_FILE).exists()]
+    if existing:
+        raise InputError(f"{' and '.join(existing)} already hold a run: compare never overwrites one; choose another --out")
+    device = resolve_device(args.device)
+    training = _training_config(args)
+    options = _data_options(args)
+    data = _load_data(options, device)
     network = _network_config(args, data.image_shape)
 
     rows, trained = [], {}
-    for name in names:
+    for name in args.models:
         start = time.perf_counter()
         if name == "pca":
             model = PCA(network.latent_dim).fit(data.train)
         else:
-            model = build_model(name, _model_config(name, network)).to(device)
-            Trainer(model, _training_config(args), out_dir=folder / name, model_name=name).fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization)
+            model = build_model(name, _model_config(name, network, {})).to(device)
+            trainer = Trainer(model, training, out_dir=folder / name, model_name=name, metadata={"data": options, "eval_images": 0})
+            trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization)
             model.eval()
         seconds = time.perf_counter() - start
         row = {"model": name, **evaluate(model, data, num_samples=args.num_samples if name == "vae" else 0), "training_seconds": round(seconds, 2)}
@@ -308,6 +440,8 @@ def cmd_compare(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "interpolate": cmd_interpolate, "compare": cmd_compare}
+#: the user's bad input, reported in one line; any other exception is a bug and keeps its traceback
+USER_ERRORS = (InputError, DatasetNotFoundError, TrainingError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,11 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, DatasetNotFoundError, CheckpointError, TrainingError) as error:
+    except USER_ERRORS as error:
         print(f"pyrovae: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pyrovae: interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # the Trainer's says where it stopped and how to resume
+        message = " ".join(str(interrupt).split()) or "interrupted"
+        print(f"pyrovae: {message}", file=sys.stderr)
         return 130
     return 0
 

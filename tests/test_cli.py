@@ -1,13 +1,29 @@
 """The ``pyrovae`` command end to end, on a small MNIST slice and a small network."""
 
+import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from pyrovae import cli
 from pyrovae.cli import build_parser, main
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.models import MODELS
+from pyrovae.models.autoencoders import AE
+from pyrovae.models.vae import ELBOS
+from pyrovae.nets import ACTIVATIONS
+from pyrovae.priors import PRIORS
 
 SMALL = ["--subset", "300", "--hidden", "64", "--latent-dim", "4", "--epochs", "1", "--batch-size", "100", "--no-progress"]
+COMMANDS = ["train", "eval", "sample", "interpolate", "compare"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -18,20 +34,41 @@ def data_dir(mnist_dir):
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory, mnist_dir):
     folder = tmp_path_factory.mktemp("runs") / "vae"
-    assert main(["train", "--out", str(folder), "--data-dir", str(mnist_dir), *SMALL]) == 0
+    assert main(["train", "--out", str(folder), "--data-dir", str(mnist_dir), "--eval-images", "100", *SMALL]) == 0
     return folder
 
 
-def test_every_subcommand_has_complete_help(capsys):
-    parser = build_parser()
-    for command in ["train", "eval", "sample", "interpolate", "compare"]:
-        with pytest.raises(SystemExit) as exit_info:
-            parser.parse_args([command, "--help"])
-        assert exit_info.value.code == 0
-        text = capsys.readouterr().out
-        assert "usage: pyrovae " + command in text
-        # every option documents itself
-        assert all("--" not in line or len(line.split()) > 1 for line in text.splitlines())
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_of_every_subcommand_has_help():
+    commands = _subparsers(build_parser())
+    assert sorted(commands) == sorted(COMMANDS)
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"pyrovae {name} {action.option_strings or action.dest}"
+
+
+def test_names_are_offered_from_the_registries():
+    train = _subparsers(build_parser())["train"]
+    choices = {opt: action.choices for action in train._actions for opt in action.option_strings}
+    assert list(choices["--model"]) == sorted(MODELS)
+    assert list(choices["--prior"]) == sorted(PRIORS)
+    assert list(choices["--likelihood"]) == sorted(LIKELIHOODS)
+    assert list(choices["--elbo"]) == sorted(ELBOS)
+    assert list(choices["--activation"]) == sorted(ACTIVATIONS)
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: pyrovae train" in text
+    for name in [*MODELS, *PRIORS, *ELBOS]:
+        assert name in text
 
 
 def test_train_writes_a_complete_run_folder(vae_run):
@@ -40,14 +77,26 @@ def test_train_writes_a_complete_run_folder(vae_run):
         assert (vae_run / name).stat().st_size > 0, name
     summary = json.loads((vae_run / "summary.json").read_text())
     assert summary["elbo"] < 0 and summary["mse"] > 0
+    history = json.loads((vae_run / "metrics.json").read_text())
+    assert history[-1]["test_loss"] > 0  # --eval-images monitors the test loss
 
 
-def test_eval_reports_an_nll_tighter_than_the_elbo(vae_run, capsys):
+def test_eval_reports_an_nll_tighter_than_the_elbo_and_its_protocol(vae_run, capsys):
     assert main(["eval", str(vae_run), "--num-samples", "50", "--device", "cpu"]) == 0
     results = json.loads((vae_run / "eval.json").read_text())
     assert results["nll"] < -results["elbo"]  # importance sampling tightens the bound
     assert 0 <= results["probe_accuracy"] <= 1
-    assert "nll" in capsys.readouterr().out
+    assert results["nll_samples"] == 50 and results["test_images"] == 300
+    out = capsys.readouterr().out
+    assert "grey levels" in out and "k=50" in out
+
+
+def test_eval_of_a_binarized_run_says_so(tmp_path, data_dir, capsys):
+    folder = tmp_path / "binary"
+    assert main(["train", "--out", str(folder), "--binarize", "dynamic", *data_dir, *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--num-samples", "5"]) == 0
+    assert "dynamic binarization; test and validation images binarized once with seed 0" in capsys.readouterr().out
 
 
 def test_sample_and_interpolate_write_pngs(vae_run, tmp_path):
@@ -57,38 +106,102 @@ def test_sample_and_interpolate_write_pngs(vae_run, tmp_path):
     assert (tmp_path / "i.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_continues_an_interrupted_run_to_its_epochs(tmp_path, data_dir):
-    folder = tmp_path / "run"
-    assert main(["train", "--model", "ae", "--out", str(folder), *data_dir, *SMALL]) == 0
-    finished = torch.load(folder / "checkpoint.pt", weights_only=True)["model_state"]
-    assert main(["train", "--model", "ae", "--out", str(folder), *data_dir, *SMALL]) == 2  # never overwrites a run
+def test_an_interrupted_run_resumes_to_the_same_parameters(tmp_path, data_dir, monkeypatch, capsys):
+    """SIGTERM in the middle of epoch 2 of 3; --resume ends where an uninterrupted run ends, bit for bit."""
+    argv = ["train", "--model", "ae", *data_dir, *SMALL, "--epochs", "3", "--batch-size", "50", "--eval-images", "0"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model_state"]
+
+    step = AE.training_step
+    calls = []
+
+    def terminate_at_step_9(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # epoch 2 of 6 steps each
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(AE, "training_step", terminate_at_step_9)
+    folder = tmp_path / "cut"
+    assert main([*argv, "--out", str(folder)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    cut = json.loads((folder / "metrics.json").read_text())
+    assert [row["epoch"] for row in cut] == [1]  # stopped in epoch 2
+    monkeypatch.setattr(AE, "training_step", step)
+
+    assert main([*argv, "--out", str(folder)]) == 2  # never trains over a run
     assert main(["train", "--resume", "--out", str(folder), "--no-progress"]) == 0
     resumed = torch.load(folder / "checkpoint.pt", weights_only=True)["model_state"]
-    assert all(torch.equal(finished[k], resumed[k]) for k in finished)  # nothing left to train
+    assert [row["epoch"] for row in json.loads((folder / "metrics.json").read_text())] == [1, 2, 3]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-def test_compare_writes_a_table_with_every_model(tmp_path, data_dir):
+def test_python_m_pyrovae_stops_on_sigterm_with_a_checkpoint(tmp_path, mnist_dir):
+    """The module entry point, as torchrun would start it; SIGTERM keeps the checkpoint and exits 130."""
+    folder = tmp_path / "run"
+    command = [sys.executable, "-m", "pyrovae", "train", "--model", "ae", "--out", str(folder), "--data-dir", str(mnist_dir),
+               *SMALL, "--epochs", "100000", "--eval-images", "0", "--device", "cpu"]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (folder / "checkpoint.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "SIGTERM" in err and "--resume" in err
+    epochs = json.loads((folder / "metrics.json").read_text())
+    assert 1 <= len(epochs) < 100000
+
+
+def test_compare_writes_runs_that_eval_reads_and_never_overwrites(tmp_path, data_dir, capsys):
     folder = tmp_path / "compare"
-    assert main(["compare", "--models", "vae,ae,sparse,stacked,denoising,pca", "--out", str(folder),
-                 "--num-samples", "10", *data_dir, *SMALL]) == 0
+    models = ["vae", "ae", "sparse", "stacked", "denoising", "aae", "pca"]
+    assert main(["compare", "--models", ",".join(models), "--out", str(folder), "--num-samples", "10", *data_dir, *SMALL]) == 0
     table = (folder / "comparison.md").read_text()
-    for name in ["vae", "ae", "sparse", "stacked", "denoising", "pca"]:
+    for name in models:
         assert f"| {name} |" in table
     assert (folder / "comparison.png").stat().st_size > 0
+    assert main(["eval", str(folder / "aae"), "--num-samples", "0"]) == 0
+    assert json.loads((folder / "aae" / "eval.json").read_text())["mse"] > 0
+    capsys.readouterr()
+    assert main(["compare", "--models", "ae", "--out", str(folder), *data_dir, *SMALL]) == 2
+    assert "never overwrites" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["train", "--model", "nope"], "unknown model"),
-        (["train", "--prior", "nope"], "unknown prior"),
-        (["train", "--likelihood", "nope"], "unknown likelihood"),
-        (["train", "--dataset", "nope"], "unknown dataset"),
+        (["train", "--model", "nope"], "invalid choice"),
+        (["train", "--prior", "nope"], "invalid choice"),
+        (["train", "--likelihood", "nope"], "invalid choice"),
+        (["train", "--elbo", "nope"], "invalid choice"),
+        (["train", "--activation", "nope"], "invalid choice"),
+        (["train", "--dataset", "nope"], "invalid choice"),
+        (["train", "--optimizer", "nope"], "invalid choice"),
+        (["train", "--hidden", "64,x"], "comma-separated"),
+        (["compare", "--models", "vae,nope"], "unknown model"),
+    ],
+)
+def test_argparse_refuses_unknown_names(argv, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
         (["train", "--device", "cuda:7"], "cuda"),
         (["train", "--latent-dim", "0"], "latent_dim"),
         (["train", "--batch-size", "1000"], "batch"),
-        (["train", "--elbo", "nope"], "elbo"),
-        (["compare", "--models", "vae,nope"], "unknown model"),
+        (["train", "--dropout", "1.5"], "dropout"),
+        (["train", "--patience", "3"], "--val-size"),
+        (["train", "--eval-images", "-1"], "--eval-images"),
+        (["train", "--model", "ae", "--beta", "2"], "takes no --beta"),
+        (["train", "--elbo", "iwae", "--num-particles", "5", "--beta", "2"], "beta"),
+        (["compare", "--patience", "2"], "--val-size"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(argv, words, tmp_path, data_dir, capsys, monkeypatch):
@@ -98,8 +211,17 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, words, tmp_path, data_di
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("pyrovae: error:") and len(err.splitlines()) == 1
-    assert words in err.lower()
+    assert words in err
     assert not folder.exists()
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["eval", "somewhere"])
 
 
 def test_eval_of_a_missing_or_broken_run_is_a_clear_error(tmp_path, capsys):
@@ -109,6 +231,18 @@ def test_eval_of_a_missing_or_broken_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", str(tmp_path / "broken")]) == 2
     assert capsys.readouterr().err.startswith("pyrovae: error:")
+
+
+def test_dropout_trains_and_evaluation_is_deterministic(tmp_path, data_dir, capsys):
+    folder = tmp_path / "dropout"
+    assert main(["train", "--dropout", "0.2", "--out", str(folder), *data_dir, *SMALL]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_config"]["network"]["dropout"] == 0.2
+    results = []
+    for _ in range(2):
+        assert main(["eval", str(folder), "--num-samples", "0"]) == 0
+        results.append(json.loads((folder / "eval.json").read_text()))
+    assert results[0]["mse"] == results[1]["mse"]
 
 
 def test_sample_refuses_a_deterministic_model(tmp_path, data_dir, capsys):
