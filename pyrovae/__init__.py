@@ -1,6 +1,8 @@
 """pyrovae: autoencoder-family generative models built on Pyro, with plain-PyTorch baselines."""
 
+from .data import ImageData, load_dataset
 from .devices import resolve_device
+from .errors import InputError
 from .likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -9,9 +11,11 @@ from .likelihoods import (
     make_likelihood,
 )
 from .models import (
+    AAE,
     AE,
     MODELS,
     VAE,
+    AAEConfig,
     AEConfig,
     DenoisingAE,
     DenoisingAEConfig,
@@ -30,5 +34,16 @@ from .priors import (
     StudentTPrior,
     make_prior,
 )
+from .training import Trainer, TrainingConfig, load_model
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ImageData", "load_dataset", "resolve_device", "InputError",
+    "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
+    "AAE", "AE", "MODELS", "VAE", "AAEConfig", "AEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
+    "SparseAEConfig", "StackedAE", "StackedAEConfig", "VAEConfig", "build_model",
+    "ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "NetworkConfig",
+    "GaussianMixturePrior", "LaplacePrior", "StandardNormal", "StudentTPrior", "make_prior",
+    "Trainer", "TrainingConfig", "load_model",
+]

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from conftest import tiny_network
-from pyrovae import checkpoints
 from pyrovae.checkpoints import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 from pyrovae.models import AE, VAE, AEConfig, VAEConfig, config_to_dict
 from pyrovae.training import Trainer, TrainingConfig, load_model
