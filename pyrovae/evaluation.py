@@ -2,8 +2,8 @@
 linear-probe accuracy of its codes, and a PCA baseline with the same interface.
 
 Shapes: images ``x`` are ``(N, C, H, W)``, codes ``(N, L)``; ``D = C * H * W``. Log-densities
-are in nats per image. Every function leaves the model's mode (train / eval) alone: call
-``model.eval()`` first if it has dropout or batch norm.
+are in nats per image. Every function runs the model in eval mode (dropout off: the same
+images and seed give the same figures) and leaves it in the mode it found it in.
 
 The VAE's quantities use its own parts, so any prior and likelihood work: ``vae.encoder(x)``
 gives the ``(loc, scale)`` of the Gaussian q(z|x), ``vae.prior()`` the distribution p(z)
@@ -26,10 +26,12 @@ from .data import ImageData
 from .errors import InputError
 from .likelihoods import check_observations
 from .models import VAE
+from .models.base import evaluating
 
 __all__ = [
     "elbo_per_example",
     "test_elbo",
+    "discretization_offset",
     "log_likelihood",
     "reconstruction_error",
     "linear_probe",
@@ -70,7 +72,7 @@ def elbo_per_example(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     vae.check_input(x)
     device = vae.device
     parts = []
-    with torch.no_grad(), pyro.validation_enabled(False):
+    with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
         prior = vae.prior()
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
@@ -87,16 +89,42 @@ def elbo_per_example(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
 
 
 def test_elbo(vae: VAE, x: Tensor, batch_size: int = 1000) -> dict:
-    """The mean ELBO over ``x: (N, C, H, W)`` (nats per image) and the same in bits per dimension.
+    """The mean ELBO over ``x: (N, C, H, W)`` (nats per image) and, where it means something, the
+    negative ELBO in bits per dimension.
 
-    Returns ``{"elbo": mean ELBO, "bits_per_dim": -elbo / (D ln 2)}`` as floats (see
-    :func:`elbo_per_example` for the estimator; beta = 1).
+    Returns floats ``{"elbo": ..., "bits_per_dim": ... or None}`` (see :func:`elbo_per_example`
+    for the estimator; beta = 1). ``bits_per_dim`` is ``(-elbo + D * offset) / (D ln 2)``, with
+    the offset from :func:`discretization_offset`: 0 for a discrete likelihood (Bernoulli) on
+    binary images; ``ln 256`` for a density on [0, 1] images, the standard discretisation of
+    8-bit data (the density of 256 bins of width 1/256), so that bits/dim of densities and of
+    discrete models compare; ``None`` when neither holds (a Bernoulli on
+    grey levels is a relaxation, not a likelihood).
     """
     elbo = elbo_per_example(vae, x, batch_size).mean().item()
-    return {"elbo": elbo, "bits_per_dim": -elbo / (math.prod(vae.input_shape) * math.log(2))}
+    offset = discretization_offset(vae, x)
+    dims = math.prod(vae.input_shape)
+    bits = None if offset is None else (-elbo + dims * offset) / (dims * math.log(2))
+    return {"elbo": elbo, "bits_per_dim": bits}
 
 
 test_elbo.__test__ = False  # pytest would collect it from ``from pyrovae.evaluation import test_elbo``
+
+
+def discretization_offset(vae: VAE, x: Tensor) -> float | None:
+    """Nats per dimension to add to ``-log p(x)`` for a log-probability of discrete data, or ``None``.
+
+    Decided by the support of the likelihood's distribution (``vae.likelihood(...).support``)
+    and the values of ``x``: a discrete support (Bernoulli: ``boolean``) that holds every pixel
+    gives ``0.0`` (log_prob is already a log-probability); a continuous support (Normal,
+    Laplace, continuous Bernoulli, a user's density) on images in [0, 1] gives ``log 256``
+    (8-bit data: ``P(bin) ~= p(x) / 256`` per pixel); anything else gives ``None``.
+    """
+    with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
+        code = torch.zeros(1, vae.latent_dim, device=vae.device)
+        support = vae.likelihood(vae.decoder(code)).support
+    if support.is_discrete:
+        return 0.0 if bool(support.check(x).all()) else None
+    return math.log(256) if bool(constraints.unit_interval.check(x).all()) else None
 
 
 # --------------------------------------------------------------------------- log-likelihood
@@ -176,7 +204,7 @@ def log_likelihood(
     log_k = math.log(num_samples)
 
     results = []
-    with torch.no_grad(), pyro.validation_enabled(False):
+    with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
         prior = vae.prior()
         for start in range(0, len(x), batch):
             xb = x[start : start + batch].to(device)  # (B, C, H, W)
@@ -214,7 +242,7 @@ def reconstruction_error(model, x: Tensor, batch_size: int = 1000) -> dict:
     in_unit_interval = bool(constraints.unit_interval.check(x).all())
     device = model.device
     squared, cross_entropy = 0.0, 0.0
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
             recon = model.reconstruct(xb)
@@ -376,18 +404,19 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
 
     All models (VAE, autoencoders, :class:`PCA`): ``"mse"``, ``"bce"`` (see
     :func:`reconstruction_error`) and ``"probe_accuracy"`` (see :func:`linear_probe`).
-    The VAE also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`) and, when
+    The VAE also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
     """
     if not isinstance(num_samples, int) or num_samples < 0:
         raise InputError(f"num_samples must be a non-negative integer, got {num_samples!r}")
     results: dict = {}
-    if isinstance(model, VAE):
-        results.update(test_elbo(model, data.test))
-        if num_samples > 0:
-            results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples).double().mean().item()
-    results.update(reconstruction_error(model, data.test))
-    encode = lambda images: model.encode(images.to(model.device))  # noqa: E731  (data may sit on another device)
-    results["probe_accuracy"] = linear_probe(encode, data.train, data.train_labels, data.test, data.test_labels)
+    with evaluating(model):
+        if isinstance(model, VAE):
+            results.update(test_elbo(model, data.test))
+            if num_samples > 0:
+                results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples).double().mean().item()
+        results.update(reconstruction_error(model, data.test))
+        encode = lambda images: model.encode(images.to(model.device))  # noqa: E731  (data may sit on another device)
+        results["probe_accuracy"] = linear_probe(encode, data.train, data.train_labels, data.test, data.test_labels)
     return results

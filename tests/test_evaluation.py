@@ -136,14 +136,46 @@ def test_elbo_is_unbiased_and_ignores_beta(observations):
     assert torch.allclose(elbo_per_example(vae, many).reshape(4000, 2).mean(0), elbo)
 
 
-def test_test_elbo_reports_nats_and_bits_per_dimension(observations):
-    vae = linear_vae(shift=0.4)
-    torch.manual_seed(0)
-    per_example = elbo_per_example(vae, observations)
-    torch.manual_seed(0)
-    result = test_elbo(vae, observations)
-    assert result["elbo"] == pytest.approx(per_example.mean().item(), rel=1e-6)
-    assert result["bits_per_dim"] == pytest.approx(-result["elbo"] / (6 * math.log(2)), rel=1e-6)
+class PriorEncoder(nn.Module):
+    """x -> (0, 1): q(z|x) is the prior, so KL = 0 and the ELBO is E_q log p(x|z)."""
+
+    def forward(self, x):
+        return torch.zeros(len(x), 2), torch.ones(len(x), 2)
+
+
+class ZeroDecoder(nn.Module):
+    """z -> logits 0 for every pixel: p(x|z) is a fair coin (Bernoulli) or uniform on [0, 1] (continuous Bernoulli)."""
+
+    def forward(self, z):
+        return torch.zeros(*z.shape[:-1], *SHAPE)
+
+
+def coin_vae(likelihood):
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood=likelihood)
+    return VAE(config, encoder=PriorEncoder(), decoder=ZeroDecoder())
+
+
+def test_a_fair_coin_per_binary_pixel_costs_one_bit():
+    binary = torch.randint(0, 2, (50, *SHAPE)).float()
+    result = test_elbo(coin_vae("bernoulli"), binary)
+    assert result["elbo"] == pytest.approx(-6 * math.log(2), rel=1e-6)
+    assert result["bits_per_dim"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_uniform_density_on_8_bit_pixels_costs_eight_bits():
+    """Density 1 on [0, 1]: log p(x) = 0 nats, and each of 256 levels has probability 1/256."""
+    grey = torch.randint(0, 256, (50, *SHAPE)).float() / 255
+    result = test_elbo(coin_vae("continuous_bernoulli"), grey)
+    assert result["elbo"] == pytest.approx(0.0, abs=1e-4)
+    assert result["bits_per_dim"] == pytest.approx(8.0, abs=1e-4)
+
+
+def test_bits_per_dimension_only_where_they_mean_something(observations):
+    grey = torch.rand(50, *SHAPE)
+    assert test_elbo(coin_vae("bernoulli"), grey)["bits_per_dim"] is None  # a relaxation, not a likelihood
+    assert observations.min() < 0  # a density on data that are not 8-bit levels in [0, 1]
+    result = test_elbo(linear_vae(shift=0.4), observations)
+    assert result["bits_per_dim"] is None and result["elbo"] < 0
 
 
 def test_elbo_without_closed_form_kl_uses_samples():
@@ -233,8 +265,24 @@ def test_evaluate_reports_what_applies_to_each_model():
     vae = VAE(VAEConfig(network=network)).eval()
     results = evaluate(vae, data, num_samples=20)
     assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "probe_accuracy"}
+    assert results.pop("bits_per_dim") is None  # a Bernoulli on grey levels has no bits/dim
     assert all(isinstance(v, float) for v in results.values())
     assert results["nll"] < -results["elbo"] + 1.0  # the 20-sample bound is at least about as tight
     assert "nll" not in evaluate(vae, data, num_samples=0)
     for model in (AE(AEConfig(network=network)).eval(), PCA(3).fit(data.train)):
         assert set(evaluate(model, data)) == {"mse", "bce", "probe_accuracy"}
+
+
+def test_evaluation_turns_dropout_off_and_restores_the_mode():
+    data = _tiny_data()
+    network = NetworkConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(32,), dropout=0.5)
+    for model in (VAE(VAEConfig(network=network)), AE(AEConfig(network=network))):
+        model.train()
+        assert not torch.equal(model.encode(data.test), model.encode(data.test))  # dropout is on in training mode
+        assert reconstruction_error(model, data.test) == reconstruction_error(model, data.test)
+        torch.manual_seed(0)
+        in_training_mode = evaluate(model, data, num_samples=5)
+        assert model.training
+        model.eval()
+        torch.manual_seed(0)
+        assert evaluate(model, data, num_samples=5) == in_training_mode

@@ -24,6 +24,7 @@ then discriminator, then generator) calls ``update`` once per group, in order.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -119,12 +120,23 @@ class AutoencoderMixin(TrainableModel):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the parameters (or buffers) are; the CPU for a model with neither (a fixed, hand-built one)."""
+        tensor = self._first_tensor()
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' (or buffers') dtype; torch's default for a model with neither."""
+        tensor = self._first_tensor()
+        return tensor.dtype if tensor is not None else torch.get_default_dtype()
+
+    def _first_tensor(self) -> Tensor | None:
+        return next(itertools.chain(self.parameters(), self.buffers()), None)
 
     def check_input(self, x: Tensor) -> None:
         """Raise :class:`~pyrovae.errors.InputError` unless ``x`` is a finite batch ``(B, C, H, W)`` in the support, of the model's dtype."""
         check_observations(x, self.input_shape, self.support)
-        dtype = next(self.parameters()).dtype
+        dtype = self.dtype
         if x.dtype != dtype:
             raise InputError(f"the images are {x.dtype} but the model computes in {dtype}: convert them with x.to({dtype})")
 
