@@ -1,7 +1,10 @@
-"""Smoke tests of ``benchmarks/``: every benchmark function runs at toy sizes and returns finite figures.
+"""Smoke tests of ``benchmarks/``: every benchmark function runs at toy sizes, and its figures are
+finite and consistent with each other (a ratio is the quotient of the timings it names, a rate
+is images over seconds, the profile's parts add up to its whole).
 
-No timing is asserted: the point is that ``python benchmarks/run.py`` keeps working as the
-library changes. Also checked: the reference loop computes exactly Trace_ELBO's estimator.
+No speed is asserted: the point is that ``python benchmarks/run.py`` keeps working, and keeps
+reporting what it says, as the library changes. Also checked: the reference loop computes exactly
+Trace_ELBO's estimator, and the per-image NLL loop the same estimate as the vectorized one.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ def assert_finite(result: dict) -> None:
     assert not bad, f"non-finite figures: {bad}"
 
 
+def assert_timed(entry: dict, images: int) -> None:
+    """A timing entry: positive epoch times, their median, and images per second from it."""
+    assert all(t > 0 for t in entry["epoch_s"])
+    assert entry["median_s"] == pytest.approx(sorted(entry["epoch_s"])[len(entry["epoch_s"]) // 2], abs=1e-4)
+    assert entry["images_per_s"] == pytest.approx(images / entry["median_s"], rel=1e-6)
+
+
 @pytest.fixture
 def settings(tmp_path, mnist_dir):
     return Settings(device=torch.device("cpu"), data_dir=mnist_dir, quick=True, out_dir=tmp_path, rate_seconds=0.01)
@@ -84,13 +94,24 @@ def test_svi(settings, mnist):
     result = bench_svi(settings, epochs=1, data=mnist)
     assert set(result) >= {"trace", "meanfield", "iwae"}
     assert "ratio_conventional" in result["trace"]
+    for name in ("trace", "meanfield", "iwae"):
+        row = result[name]
+        assert_timed(row["pyrovae"], len(mnist.train))
+        assert_timed(row["reference"], len(mnist.train))
+        assert row["ratio_reference"] == pytest.approx(row["pyrovae"]["median_s"] / row["reference"]["median_s"], rel=1e-6)
+    assert result["iwae"]["num_particles"] == 5
+    assert result["iwae"]["matmul_flops"] > 2 * result["trace"]["matmul_flops"]  # five decoder passes per image
     assert_finite(result)
 
 
 def test_ae(settings, mnist):
     from benchmarks.bench_ae import bench_ae
 
-    assert_finite(bench_ae(settings, epochs=1, data=mnist))
+    result = bench_ae(settings, epochs=1, data=mnist)
+    assert_timed(result["pyrovae"], len(mnist.train))
+    assert_timed(result["reference"], len(mnist.train))
+    assert result["ratio_reference"] == pytest.approx(result["pyrovae"]["median_s"] / result["reference"]["median_s"], rel=1e-6)
+    assert_finite(result)
 
 
 def test_nll(settings, mnist):
@@ -98,6 +119,10 @@ def test_nll(settings, mnist):
 
     result = bench_nll(settings, num_images=10, num_samples=20, loop_images=2, memory_samples=None, data=mnist)
     assert result["finite"]
+    # the loop and the vectorized estimator: two 20-sample estimates of the same NLL
+    assert result["loop_mean_nll"] == pytest.approx(result["mean_nll_first_loop_images"], rel=0.02)
+    assert result["speedup_vs_loop"] == pytest.approx(result["loop_extrapolated_s"] / result["seconds"], rel=1e-6)
+    assert result["loop_extrapolated_s"] == pytest.approx(result["loop_seconds"] * 10 / 2, rel=1e-6)
     assert_finite(result)
 
 
@@ -116,6 +141,14 @@ def test_profile(settings, mnist):
 
     result = bench_profile(settings, steps=2, batch_size=64, top=5, data=mnist)
     assert "Pyro tracing overhead" in format_profile(result)
+    for phases in result["phases_s"].values():
+        assert phases["total"] == pytest.approx(phases["forward"] + phases["backward"] + phases["optimizer"], rel=1e-6)
+    fixed = result["fixed_per_step_ms"]
+    steps = fixed["step_ms"]
+    assert sum(fixed["split_ms"].values()) == pytest.approx(steps["pyrovae"] - steps["reference"], rel=1e-6, abs=1e-9)
+    assert fixed["split_ms"]["distribution objects"] == pytest.approx(steps["distributions"] - steps["reference"], rel=1e-6)
+    groups = result["cprofile"]["by_group_s"]
+    assert sum(groups.values()) == pytest.approx(result["cprofile"]["total_s"], rel=0.01)
     assert_finite(result)
 
 

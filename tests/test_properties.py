@@ -1,7 +1,7 @@
 """Property-based tests: random shapes, dtypes and values fed to the public functions.
 
-Each call must either succeed or raise the library's clear errors (``ValueError`` and its
-subclasses) -- never a crash from deep inside torch or Pyro.
+Each call must either succeed or raise the library's clear error for bad input
+(:class:`~pyrovae.errors.InputError`) -- never a crash from deep inside torch or Pyro.
 """
 
 import math
@@ -15,9 +15,17 @@ from pyro.infer import Trace_ELBO
 
 from pyrovae import VAE, AEConfig, NetworkConfig, VAEConfig, build_model, resolve_device
 from pyrovae.data import batches
+from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, check_observations, make_likelihood
 from pyrovae.models import MODELS
 from pyrovae.priors import PRIORS, make_prior
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """A monkeypatch shared by every example of a Hypothesis test (function fixtures are not reset between them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SHAPE = (1, 4, 4)
@@ -64,7 +72,7 @@ def test_check_observations_accepts_exactly_the_valid_batches(x, likelihood):
     if _valid_for(x, support):
         check_observations(x, SHAPE, support)
     else:
-        with pytest.raises(ValueError):
+        with pytest.raises(InputError):
             check_observations(x, SHAPE, support)
 
 
@@ -74,7 +82,7 @@ def test_the_vae_loss_is_finite_or_a_clear_error(x, prior, likelihood):
     vae = VAE(VAEConfig(network=NETWORK, prior=prior, likelihood=likelihood))
     try:
         loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
-    except ValueError:
+    except InputError:
         assert not _valid_for(x, vae.support, torch.float32)
         return
     assert _valid_for(x, vae.support, torch.float32)
@@ -87,7 +95,7 @@ def test_autoencoder_losses_are_finite_or_a_clear_error(x, name, loss):
     model = build_model(name, MODELS[name][1](network=NETWORK, loss=loss))
     try:
         value = model.loss(x)
-    except ValueError:
+    except InputError:
         assert not _valid_for(x, model.support, torch.float32)
         return
     assert _valid_for(x, model.support, torch.float32)
@@ -105,7 +113,7 @@ def test_autoencoder_losses_are_finite_or_a_clear_error(x, name, loss):
 def test_network_configs_build_or_fail_clearly(input_shape, latent_dim, hidden, conv, activation):
     try:
         config = NetworkConfig(input_shape=tuple(input_shape), latent_dim=latent_dim, hidden=tuple(hidden), conv=conv, activation=activation)
-    except ValueError:
+    except InputError:
         return
     x = torch.rand(3, *config.input_shape)
     for name in ["vae", "ae"]:
@@ -113,15 +121,34 @@ def test_network_configs_build_or_fail_clearly(input_shape, latent_dim, hidden, 
         assert model.reconstruct(x).shape == x.shape
 
 
+def _expected_device(name: str, cuda_count: int) -> torch.device | None:
+    """What ``resolve_device(name)`` must give on a machine with ``cuda_count`` GPUs (None: an InputError)."""
+    name = name.strip().lower()
+    if name in ("auto", "cpu"):
+        return torch.device("cuda" if name == "auto" and cuda_count else "cpu")
+    if name == "cuda" and cuda_count:
+        return torch.device("cuda", 0)
+    index = name.removeprefix("cuda:")
+    if name.startswith("cuda:") and index.isdigit() and int(index) < cuda_count:
+        return torch.device("cuda", int(index))
+    return None
+
+
 @SETTINGS
-@given(name=st.one_of(st.text(max_size=12), st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:x", "CPU", " cpu ", "tpu"])))
-def test_device_names_resolve_or_fail_clearly(name):
-    try:
-        device = resolve_device(name)
-    except ValueError as error:
-        assert str(error)
-        return
-    assert device.type in ("cpu", "cuda")
+@given(
+    name=st.one_of(st.text(max_size=12), st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:x", "CPU", " cpu ", "Auto", "tpu", "cuda:"])),
+    cuda_count=st.integers(0, 2),
+)
+def test_device_names_resolve_or_fail_clearly(name, cuda_count, monkeypatch_module):
+    monkeypatch_module.setattr(torch.cuda, "is_available", lambda: cuda_count > 0)
+    monkeypatch_module.setattr(torch.cuda, "device_count", lambda: cuda_count)
+    monkeypatch_module.setattr(torch.cuda, "current_device", lambda: 0)
+    expected = _expected_device(name, cuda_count)
+    if expected is None:
+        with pytest.raises(InputError, match="device"):
+            resolve_device(name)
+    else:
+        assert resolve_device(name) == expected
 
 
 @SETTINGS
@@ -130,7 +157,7 @@ def test_batches_cover_every_image_once_or_fail_clearly(n, batch_size, seed):
     x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
     try:
         seen = torch.cat(list(batches(x, batch_size, torch.Generator().manual_seed(seed))))
-    except ValueError:
+    except InputError:
         assert n == 0 or batch_size <= 0
         return
     assert sorted(seen.flatten().tolist()) == list(range(n))
@@ -153,9 +180,9 @@ def test_vae_sampling_and_interpolation_arguments(steps, n):
     with pyro.validation_enabled(True):
         try:
             assert vae.sample(n).shape == (n, *SHAPE)
-        except ValueError:
+        except InputError:
             assert n <= 0
         try:
             assert vae.interpolate(x[0], x[1], steps).shape == (steps, *SHAPE)
-        except ValueError:
+        except InputError:
             assert steps < 2
