@@ -27,6 +27,7 @@ from .errors import InputError
 from .likelihoods import check_observations
 from .models import VAE
 from .models.base import evaluating
+from .priors import StandardNormal
 
 __all__ = [
     "elbo_per_example",
@@ -35,6 +36,9 @@ __all__ = [
     "log_likelihood",
     "reconstruction_error",
     "linear_probe",
+    "mmd",
+    "aggregate_posterior_samples",
+    "prior_mmd",
     "PCA",
     "evaluate",
 ]
@@ -323,6 +327,76 @@ def linear_probe(
     return (predicted == test_y).double().mean().item()
 
 
+# --------------------------------------------------------------------------- aggregated posterior vs prior
+
+#: Scales ``s`` of the MMD's inverse multiquadric kernel, ``C_s = 2 L s`` (as in Tolstikhin et al.'s WAE).
+MMD_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: Test images (and as many prior samples) that :func:`evaluate` compares by MMD.
+MMD_IMAGES = 2000
+
+
+def mmd(a: Tensor, b: Tensor, scales: tuple[float, ...] = MMD_SCALES) -> float:
+    """The unbiased estimate of the squared maximum mean discrepancy between samples ``a: (N, L)`` and ``b: (M, L)``.
+
+    Kernel: a sum of inverse multiquadrics, ``k(u, v) = sum_s C_s / (C_s + ||u - v||^2)`` with
+    ``C_s = 2 L s`` for ``s`` in ``scales``: its heavy tails still see samples far apart (an
+    autoencoder's codes may sit on another scale altogether), and it is characteristic, so the
+    population MMD is 0 only when the two distributions are equal. The estimate is unbiased (the
+    diagonal terms are left out), so it scatters around 0 for equal distributions and may be
+    slightly negative; larger means further apart. Needs ``N, M >= 2``.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise InputError(f"mmd compares two samples (N, L) and (M, L) with N, M >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double(), b.double()
+
+    def kernel(u: Tensor, v: Tensor) -> Tensor:
+        distance = torch.cdist(u, v).square()
+        return sum(2 * u.shape[1] * s / (2 * u.shape[1] * s + distance) for s in scales)
+
+    def mean_off_diagonal(k: Tensor) -> Tensor:
+        return (k.sum() - k.diagonal().sum()) / (len(k) * (len(k) - 1))
+
+    return (mean_off_diagonal(kernel(a, a)) + mean_off_diagonal(kernel(b, b)) - 2 * kernel(a, b).mean()).item()
+
+
+def aggregate_posterior_samples(model, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """One code per image of ``x: (N, C, H, W)``, ``(N, L)``: a sample of the aggregated posterior ``q(z) = E_x q(z|x)``.
+
+    A Gaussian encoder (one that returns ``(loc, scale)``: the VAE's, an AAE's with
+    ``gaussian_posterior``) gives a draw ``z ~ q(z|x)`` from torch's global generator; a
+    deterministic one (the autoencoders') gives its code. In eval mode, without gradients.
+    """
+    _check_batch_size(batch_size)
+    model.check_input(x)
+    parts = []
+    with torch.no_grad(), evaluating(model):
+        for start in range(0, len(x), batch_size):
+            out = model.encoder(x[start : start + batch_size].to(model.device))
+            parts.append(out[0] + out[1] * torch.randn_like(out[0]) if isinstance(out, tuple) else out)
+    return torch.cat(parts).flatten(1)
+
+
+def prior_mmd(model, x: Tensor, prior=None, seed: int = 0) -> float:
+    """:func:`mmd` between the aggregated posterior on ``x: (N, C, H, W)`` and ``N`` samples of the prior.
+
+    ``prior``: a callable returning a distribution with event ``(L,)`` (a pyrovae prior object);
+    default: the model's own (``model.prior``: the VAE's, the AAE's), or ``N(0, I)`` for a model
+    without one (the autoencoders), so that every model is measured on the same footing. The
+    draws come from a generator seeded with ``seed`` (the global RNG is left as it was), so the
+    figure is repeatable.
+    """
+    if prior is None:
+        prior = model.prior if callable(getattr(model, "prior", None)) else StandardNormal(model.latent_dim)
+    prior = prior.to(model.device) if isinstance(prior, nn.Module) else prior
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        codes = aggregate_posterior_samples(model, x)
+        with torch.no_grad():
+            reference = prior().sample((len(codes),)).reshape(len(codes), -1)
+    return mmd(codes, reference.to(codes.device))
+
+
 # --------------------------------------------------------------------------- PCA
 
 
@@ -403,7 +477,9 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     """Every measure that applies to ``model``, on ``data.test`` (the probe trains on ``data.train``).
 
     All models (VAE, autoencoders, :class:`PCA`): ``"mse"``, ``"bce"`` (see
-    :func:`reconstruction_error`) and ``"probe_accuracy"`` (see :func:`linear_probe`).
+    :func:`reconstruction_error`) and ``"probe_accuracy"`` (see :func:`linear_probe`). All but
+    PCA: ``"prior_mmd"``, how far the codes of the first :data:`MMD_IMAGES` test images are from
+    the prior (see :func:`prior_mmd`).
     The VAE also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
@@ -417,6 +493,8 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
             if num_samples > 0:
                 results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples).double().mean().item()
         results.update(reconstruction_error(model, data.test))
+        if not isinstance(model, PCA):
+            results["prior_mmd"] = prior_mmd(model, data.test[:MMD_IMAGES])
         encode = lambda images: model.encode(images.to(model.device))  # noqa: E731  (data may sit on another device)
         results["probe_accuracy"] = linear_probe(encode, data.train, data.train_labels, data.test, data.test_labels)
     return results

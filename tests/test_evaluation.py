@@ -13,7 +13,20 @@ from torch import nn
 
 from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, VAEConfig
 from pyrovae.data import ImageData
-from pyrovae.evaluation import PCA, elbo_per_example, evaluate, linear_probe, log_likelihood, reconstruction_error, test_elbo
+from pyrovae.errors import InputError
+from pyrovae.evaluation import (
+    MMD_SCALES,
+    PCA,
+    aggregate_posterior_samples,
+    elbo_per_example,
+    evaluate,
+    linear_probe,
+    log_likelihood,
+    mmd,
+    prior_mmd,
+    reconstruction_error,
+    test_elbo,
+)
 
 SHAPE = (1, 2, 3)  # D = 6
 NOISE = 0.5
@@ -264,13 +277,13 @@ def test_evaluate_reports_what_applies_to_each_model():
     torch.manual_seed(0)
     vae = VAE(VAEConfig(network=network)).eval()
     results = evaluate(vae, data, num_samples=20)
-    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "probe_accuracy"}
+    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "prior_mmd", "probe_accuracy"}
     assert results.pop("bits_per_dim") is None  # a Bernoulli on grey levels has no bits/dim
     assert all(isinstance(v, float) for v in results.values())
     assert results["nll"] < -results["elbo"] + 1.0  # the 20-sample bound is at least about as tight
     assert "nll" not in evaluate(vae, data, num_samples=0)
-    for model in (AE(AEConfig(network=network)).eval(), PCA(3).fit(data.train)):
-        assert set(evaluate(model, data)) == {"mse", "bce", "probe_accuracy"}
+    assert set(evaluate(AE(AEConfig(network=network)), data)) == {"mse", "bce", "prior_mmd", "probe_accuracy"}
+    assert set(evaluate(PCA(3).fit(data.train), data)) == {"mse", "bce", "probe_accuracy"}
 
 
 def test_evaluation_turns_dropout_off_and_restores_the_mode():
@@ -286,3 +299,50 @@ def test_evaluation_turns_dropout_off_and_restores_the_mode():
         model.eval()
         torch.manual_seed(0)
         assert evaluate(model, data, num_samples=5) == in_training_mode
+
+
+def test_mmd_by_hand():
+    """Two copies of 0 against two of 1 in one dimension: the kernel is sum_s C_s / (C_s + d^2), C_s = 2 s."""
+    a, b = torch.zeros(2, 1), torch.ones(2, 1)
+    same = len(MMD_SCALES)  # k(u, u) = 1 per scale
+    across = sum(2 * s / (2 * s + 1) for s in MMD_SCALES)
+    assert mmd(a, b) == pytest.approx(2 * same - 2 * across, rel=1e-12)
+    assert mmd(a, b) == pytest.approx(mmd(b, a), rel=1e-12)
+
+
+def test_mmd_tells_equal_from_different_distributions():
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda shift: torch.randn(1000, 5, generator=generator) + shift  # noqa: E731
+    equal, near, far = mmd(draw(0.0), draw(0.0)), mmd(draw(0.0), draw(0.3)), mmd(draw(0.0), draw(3.0))
+    assert abs(equal) < 0.005 < near < far
+    with pytest.raises(InputError):
+        mmd(torch.zeros(1, 5), torch.zeros(3, 5))
+
+
+def test_prior_mmd_of_codes_that_follow_the_prior_is_about_zero():
+    images = torch.randint(0, 2, (2000, *SHAPE)).float()
+    before = torch.get_rng_state()
+    on_prior = prior_mmd(coin_vae("bernoulli"), images)  # q(z|x) = p(z) for every x
+    assert torch.equal(torch.get_rng_state(), before)  # its own seeded draws
+    assert abs(on_prior) < 0.005
+    assert prior_mmd(coin_vae("bernoulli"), images) == on_prior  # repeatable
+
+    class Shifted(PriorEncoder):
+        def forward(self, x):
+            loc, scale = super().forward(x)
+            return loc + 2.0, scale
+
+    shifted = coin_vae("bernoulli")
+    shifted.encoder = Shifted()
+    assert prior_mmd(shifted, images) > 0.1
+
+
+def test_prior_mmd_puts_autoencoders_on_the_standard_normal():
+    network = NetworkConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,))
+    ae = AE(AEConfig(network=network))
+    x = torch.rand(500, 1, 4, 4)
+    codes = aggregate_posterior_samples(ae, x)
+    assert torch.equal(codes, ae.encode(x).detach())
+    generator = torch.Generator().manual_seed(0)
+    expected = mmd(codes, torch.randn(500, 3, generator=generator))
+    assert prior_mmd(ae, x) == pytest.approx(expected, abs=0.02)
