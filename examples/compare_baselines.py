@@ -5,7 +5,8 @@
 Every model is built from the same 784-400-20 encoder and decoder (PCA keeps 20 components),
 trained for the same number of epochs on the same MNIST subset, and measured the same way:
 reconstruction error (MSE and BCE per image), linear-probe accuracy of a logistic regression on
-the codes, and, for the VAE, its test ELBO and importance-sampled NLL. The command
+the codes, the MMD between the codes and the prior, and, for the VAE and the conditional VAE,
+the test ELBO and importance-sampled NLL (of log p(x|y) for the CVAE). The command
 `pyrovae compare` does the same and also writes a figure.
 """
 
@@ -36,7 +37,8 @@ def main():
             model = PCA(network.latent_dim).fit(data.train)
         else:
             model = build_model(name, MODELS[name][1](network=network)).to(args.device)
-            Trainer(model, TrainingConfig(epochs=args.epochs, progress=False)).fit(data.train)
+            labels = {"train_labels": data.train_labels} if model.conditional else {}  # the CVAE models x given y
+            Trainer(model, TrainingConfig(epochs=args.epochs, progress=False)).fit(data.train, **labels)
             model.eval()
         seconds = time.perf_counter() - start
         rows.append((name, evaluate(model, data, num_samples=args.num_samples if name == "vae" else 0), seconds))

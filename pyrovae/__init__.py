@@ -13,10 +13,12 @@ from .likelihoods import (
 from .models import (
     AAE,
     AE,
+    CVAE,
     MODELS,
     VAE,
     AAEConfig,
     AEConfig,
+    CVAEConfig,
     DenoisingAE,
     DenoisingAEConfig,
     SparseAE,
@@ -41,7 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImageData", "load_dataset", "resolve_device", "InputError",
     "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
-    "AAE", "AE", "MODELS", "VAE", "AAEConfig", "AEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
+    "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
     "SparseAEConfig", "StackedAE", "StackedAEConfig", "VAEConfig", "build_model",
     "ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "NetworkConfig",
     "GaussianMixturePrior", "LaplacePrior", "StandardNormal", "StudentTPrior", "make_prior",

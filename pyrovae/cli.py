@@ -58,7 +58,7 @@ MODEL_OPTIONS = {
 }
 #: what `pyrovae compare` can train: the models, and PCA as a linear baseline
 COMPARABLE = (*sorted(MODELS), "pca")
-COMPARE_DEFAULT = "vae,ae,sparse,stacked,denoising,aae,pca"
+COMPARE_DEFAULT = "vae,cvae,ae,sparse,stacked,denoising,aae,pca"
 
 
 # --------------------------------------------------------------------------- option types
@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("eval", parents=[run, num_samples, device], help="evaluate a trained run", description="Test ELBO, importance-sampled NLL, reconstruction error and linear-probe accuracy of a run; printed as a table and written to RUN/eval.json.")
 
-    sample = sub.add_parser("sample", parents=[run, seed, device], help="draw images from a trained VAE's prior", description="Decode samples from the prior of a trained VAE into a PNG grid.")
-    sample.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
+    sample = sub.add_parser("sample", parents=[run, seed, device], help="draw images from a trained VAE's prior", description="Decode samples from the prior of a trained VAE into a PNG grid; of a conditional VAE (cvae), one row per class.")
+    sample.add_argument("-n", type=int, default=None, help="number of images (default: 64); of a cvae run, images per class (default: 10)")
     sample.add_argument("-o", "--output", default="samples.png", help="PNG file to write (default: %(default)s)")
 
     interp = sub.add_parser("interpolate", parents=[run, seed, device], help="interpolate between test images in latent space", description="Decode straight lines between the codes of pairs of test images into a PNG grid.")
@@ -289,15 +289,36 @@ def _load_run(run: str, device):
     return model.to(device).eval(), _load_data(options, device)
 
 
+def _fit_labels(model, data, test_images: int = 0) -> dict:
+    """The labels that ``Trainer.fit`` takes for a conditional model: of the training and validation images
+    and of the first ``test_images`` test images (the monitor); none for another model."""
+    if not model.conditional:
+        return {}
+    return {
+        "train_labels": data.train_labels,
+        "val_labels": data.val_labels,
+        "test_labels": data.test_labels[:test_images] if test_images else None,
+    }
+
+
 def _figures(model, data, history, folder: Path) -> list[str]:
     """Write the run's figures into ``folder``; their file names."""
     written = []
     x = data.test
-    plots.reconstructions(model, x, path=folder / "reconstructions.png")
-    plots.interpolations(model, x, path=folder / "interpolations.png")
-    plots.latent_scatter(model, x[:2000], data.test_labels[:2000], path=folder / "latent.png")
-    written += ["reconstructions.png", "interpolations.png", "latent.png"]
-    if hasattr(model, "sample"):
+    plots.reconstructions(model, x, path=folder / "reconstructions.png", labels=data.test_labels)
+    written.append("reconstructions.png")
+    if not model.conditional:  # a conditional model's codes decode given a label: no line between images of two classes
+        plots.interpolations(model, x, path=folder / "interpolations.png")
+        written.append("interpolations.png")
+    prior = getattr(model, "prior", None)  # the VAE's, the AAE's: the codes drawn over prior samples
+    with torch.no_grad():
+        prior_samples = prior().sample((2000,)) if callable(prior) else None
+    plots.latent_scatter(model, x[:2000], data.test_labels[:2000], path=folder / "latent.png", prior_samples=prior_samples)
+    written.append("latent.png")
+    if model.conditional:
+        plots.class_samples(model, path=folder / "samples.png")
+        written.append("samples.png")
+    elif hasattr(model, "sample"):
         plots.samples(model, path=folder / "samples.png")
         written.append("samples.png")
         if model.latent_dim == 2:
@@ -347,7 +368,10 @@ def cmd_train(args) -> None:
     start = time.perf_counter()
     monitor = data.test[: metadata.get("eval_images", 0)]
     try:
-        history = trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, test=monitor if len(monitor) else None)
+        history = trainer.fit(
+            data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, test=monitor if len(monitor) else None,
+            **_fit_labels(trainer.model, data, len(monitor)),
+        )
     except KeyboardInterrupt as interrupt:
         raise KeyboardInterrupt(f"{interrupt}; from the command line: pyrovae train --out {folder} --resume") from None
     seconds = time.perf_counter() - start
@@ -373,7 +397,8 @@ def cmd_eval(args) -> None:
         results["nll_samples"] = args.num_samples
     _write_json(Path(args.run) / "eval.json", results)
     print(f"test set: {len(data.test)} images of {data.name}, {data.protocol}"
-          + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else ""))
+          + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else "")
+          + ("; ELBO and NLL of log p(x|y), given each test image's label" if model.conditional else ""))
     print(_format_table([results], [k for k in results if k != "protocol"]))
 
 
@@ -384,7 +409,10 @@ def cmd_sample(args) -> None:
     if not hasattr(model, "sample"):
         raise InputError(f"{args.run} holds a deterministic autoencoder, which has no prior to sample from; use a VAE run")
     torch.manual_seed(args.seed)
-    plots.samples(model, n=args.n, path=args.output)
+    if model.conditional:
+        plots.class_samples(model, n=args.n if args.n is not None else 10, path=args.output)
+    else:
+        plots.samples(model, n=args.n if args.n is not None else 64, path=args.output)
     print(f"wrote {args.output}")
 
 
@@ -392,6 +420,8 @@ def cmd_interpolate(args) -> None:
     """Decode latent interpolations between random pairs of test images into a PNG grid."""
     device = resolve_device(args.device)
     model, data = _load_run(args.run, device)
+    if model.conditional:
+        raise InputError(f"{args.run} holds a conditional model, whose codes decode given a label: it draws no interpolations between test images")
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.randperm(len(data.test), generator=generator)[: 2 * args.pairs]
     if len(index) < 2 * args.pairs:
@@ -420,10 +450,10 @@ def cmd_compare(args) -> None:
         else:
             model = build_model(name, _model_config(name, network, {})).to(device)
             trainer = Trainer(model, training, out_dir=folder / name, model_name=name, metadata={"data": options, "eval_images": 0})
-            trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization)
+            trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, **_fit_labels(model, data))
             model.eval()
         seconds = time.perf_counter() - start
-        row = {"model": name, **evaluate(model, data, num_samples=args.num_samples if name == "vae" else 0), "training_seconds": round(seconds, 2)}
+        row = {"model": name, **evaluate(model, data, num_samples=args.num_samples), "training_seconds": round(seconds, 2)}
         rows.append(row)
         trained[name] = model
         print(f"{name}: done in {seconds:.1f} s")
@@ -434,7 +464,7 @@ def cmd_compare(args) -> None:
     header = f"# Comparison on {data.name}: {args.epochs} epochs, latent {network.latent_dim}, {'conv' if network.conv else 'MLP ' + str(list(network.hidden))}\n\n"
     (folder / "comparison.md").write_text(header + table + "\n")
     _write_json(folder / "comparison.json", rows)
-    plots.comparison(trained, data.test, path=folder / "comparison.png")
+    plots.comparison(trained, data.test, path=folder / "comparison.png", labels=data.test_labels)
     print(table)
     print(f"wrote {folder / 'comparison.md'} and {folder / 'comparison.png'}")
 

@@ -213,23 +213,32 @@ def batches(
     generator: torch.Generator | None = None,
     shuffle: bool = True,
     binarize: bool = False,
-) -> Iterator[Tensor]:
+    labels: Tensor | None = None,
+) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
     """Yield minibatches ``(b, C, H, W)`` of ``x: (N, C, H, W)``, sliced by (shuffled) index.
 
     The permutation is drawn on the CPU from ``generator`` (seed it for repeatable epochs) and
     the last batch may be smaller. ``binarize`` draws ``Bernoulli(pixels)`` for each batch
-    (dynamic binarization), also from ``generator``.
+    (dynamic binarization), also from ``generator``. With ``labels: (N, ...)`` each batch comes
+    with its labels, ``(images, labels)``, sliced by the same indices; the labels draw nothing
+    from ``generator``, so the images are those of a run without labels.
     """
     n = len(x)
     if n == 0:
         raise InputError("cannot make batches of an empty dataset")
     if batch_size <= 0:
         raise InputError(f"batch_size must be positive, got {batch_size}")
+    if labels is not None and len(labels) != n:
+        raise InputError(f"labels must be one per image: {n} images, {len(labels)} labels")
     if shuffle:
         index = torch.randperm(n, generator=generator).to(x.device)
     for start in range(0, n, batch_size):
-        batch = x[index[start : start + batch_size]] if shuffle else x[start : start + batch_size]
+        where = index[start : start + batch_size] if shuffle else slice(start, start + batch_size)
+        batch = x[where]
         if binarize:
             noise = torch.rand(batch.shape, generator=generator).to(batch.device)
             batch = (noise < batch).to(batch.dtype)
-        yield batch
+        if labels is None:
+            yield batch
+        else:
+            yield batch, labels[where.to(labels.device) if shuffle else where]

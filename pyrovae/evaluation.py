@@ -9,6 +9,12 @@ The VAE's quantities use its own parts, so any prior and likelihood work: ``vae.
 gives the ``(loc, scale)`` of the Gaussian q(z|x), ``vae.prior()`` the distribution p(z)
 (event ``(L,)``) and ``vae.likelihood(vae.decoder(z))`` the distribution p(x|z) (batch
 ``(B,)``, event ``(C, H, W)``); only their ``log_prob`` is called.
+
+A conditional model (the CVAE, ``model.conditional``) models images given their labels: pass
+``labels: (N,)``, one per image, and its figures are conditional on them. The ELBO and the
+importance-sampled likelihood are then those of ``log p(x|y)``, with q(z|x, y) from
+``cvae.encoder(cvae.encoder_input(x, y))`` and p(x|z, y) from ``cvae.decoder(cvae.decoder_input(z, y))``;
+reconstructions decode each code with its image's label.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from torch.distributions import constraints, kl_divergence
 from .data import ImageData
 from .errors import InputError
 from .likelihoods import check_observations
-from .models import VAE
+from .models import CVAE, VAE
 from .models.base import evaluating
 from .priors import StandardNormal
 
@@ -57,11 +63,38 @@ def _check_batch_size(batch_size: int) -> None:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
+def _check_labels(model, x: Tensor, labels: Tensor | None) -> None:
+    """Labels ``(N,)`` of the images ``x: (N, C, H, W)`` for a conditional model, none for another."""
+    conditional = getattr(model, "conditional", False)
+    if labels is None and conditional:
+        raise InputError(f"a {type(model).__name__} models images given their labels: pass labels, one per image")
+    if labels is not None and not conditional:
+        raise InputError(f"a {type(model).__name__} is not conditional: it takes no labels")
+    if labels is not None:
+        model.check_labels(labels, len(x))
+
+
+def _networks(model):
+    """``encode(x, y)``, the encoder's output (``(loc, scale)`` of q for a VAE), and ``decode(z, y)``, the
+    decoder's, of ``model`` for images ``x: (B, C, H, W)``, codes ``z: (B, L)`` and labels ``y: (B,)``;
+    ``y`` matters only to a conditional model (pass ``None`` for another)."""
+    if not getattr(model, "conditional", False):
+        return (lambda x, y: model.encoder(x)), (lambda z, y: model.decoder(z))
+    return (lambda x, y: model.encoder(model.encoder_input(x, y))), (lambda z, y: model.decoder(model.decoder_input(z, y)))
+
+
+def _placeholder_labels(model, n: int) -> Tensor | None:
+    """``n`` labels of class 0 for a conditional model, where any label does (shapes, supports); ``None`` for another."""
+    return torch.zeros(n, dtype=torch.int64, device=model.device) if getattr(model, "conditional", False) else None
+
+
 # --------------------------------------------------------------------------- ELBO
 
 
-def elbo_per_example(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
+def elbo_per_example(vae: VAE | CVAE, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
     """The ELBO of each image, ``(N,)`` nats, with beta = 1 whatever ``vae.kl_weight`` is.
+
+    For a conditional model, ``labels: (N,)`` are the images' labels and the ELBO bounds ``log p(x|y)``.
 
     ``ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))``. The expected log-likelihood uses one
     sample ``z ~ q(z|x)`` per image. The KL is exact when torch knows it in closed form for the
@@ -74,16 +107,19 @@ def elbo_per_example(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     """
     _check_batch_size(batch_size)
     vae.check_input(x)
+    _check_labels(vae, x, labels)
+    encode, decode = _networks(vae)
     device = vae.device
     parts = []
     with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
         prior = vae.prior()
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
-            loc, scale = vae.encoder(xb)  # (B, L) each
+            yb = None if labels is None else labels[start : start + batch_size].to(device)
+            loc, scale = encode(xb, yb)  # (B, L) each
             q = dist.Normal(loc, scale).to_event(1)
             z = q.sample()  # (B, L)
-            log_lik = vae.likelihood(vae.decoder(z)).log_prob(xb)  # (B,)
+            log_lik = vae.likelihood(decode(z, yb)).log_prob(xb)  # (B,)
             try:
                 kl = kl_divergence(q, prior)  # (B,)
             except NotImplementedError:
@@ -92,9 +128,9 @@ def elbo_per_example(vae: VAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     return torch.cat(parts).to(x.device)
 
 
-def test_elbo(vae: VAE, x: Tensor, batch_size: int = 1000) -> dict:
+def test_elbo(vae: VAE | CVAE, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> dict:
     """The mean ELBO over ``x: (N, C, H, W)`` (nats per image) and, where it means something, the
-    negative ELBO in bits per dimension.
+    negative ELBO in bits per dimension; for a conditional model, of ``log p(x|y)`` given ``labels: (N,)``.
 
     Returns floats ``{"elbo": ..., "bits_per_dim": ... or None}`` (see :func:`elbo_per_example`
     for the estimator; beta = 1). ``bits_per_dim`` is ``(-elbo + D * offset) / (D ln 2)``, with
@@ -104,7 +140,7 @@ def test_elbo(vae: VAE, x: Tensor, batch_size: int = 1000) -> dict:
     discrete models compare; ``None`` when neither holds (a Bernoulli on
     grey levels is a relaxation, not a likelihood).
     """
-    elbo = elbo_per_example(vae, x, batch_size).mean().item()
+    elbo = elbo_per_example(vae, x, batch_size, labels=labels).mean().item()
     offset = discretization_offset(vae, x)
     dims = math.prod(vae.input_shape)
     bits = None if offset is None else (-elbo + dims * offset) / (dims * math.log(2))
@@ -114,7 +150,7 @@ def test_elbo(vae: VAE, x: Tensor, batch_size: int = 1000) -> dict:
 test_elbo.__test__ = False  # pytest would collect it from ``from pyrovae.evaluation import test_elbo``
 
 
-def discretization_offset(vae: VAE, x: Tensor) -> float | None:
+def discretization_offset(vae: VAE | CVAE, x: Tensor) -> float | None:
     """Nats per dimension to add to ``-log p(x)`` for a log-probability of discrete data, or ``None``.
 
     Decided by the support of the likelihood's distribution (``vae.likelihood(...).support``)
@@ -125,7 +161,7 @@ def discretization_offset(vae: VAE, x: Tensor) -> float | None:
     """
     with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
         code = torch.zeros(1, vae.latent_dim, device=vae.device)
-        support = vae.likelihood(vae.decoder(code)).support
+        support = vae.likelihood(_networks(vae)[1](code, _placeholder_labels(vae, 1))).support
     if support.is_discrete:
         return 0.0 if bool(support.check(x).all()) else None
     return math.log(256) if bool(constraints.unit_interval.check(x).all()) else None
@@ -134,7 +170,7 @@ def discretization_offset(vae: VAE, x: Tensor) -> float | None:
 # --------------------------------------------------------------------------- log-likelihood
 
 
-def _bytes_per_unit(vae: VAE, dtype: torch.dtype) -> int:
+def _bytes_per_unit(vae: VAE | CVAE, dtype: torch.dtype) -> int:
     """Bytes that one (sample, image) pair of a chunk needs: decoder activations, likelihood, z.
 
     The decoder's activations are counted with forward hooks on its submodules during one pass
@@ -153,7 +189,7 @@ def _bytes_per_unit(vae: VAE, dtype: torch.dtype) -> int:
     handles = [module.register_forward_hook(record) for module in modules]
     try:
         with torch.no_grad():
-            out = vae.decoder(torch.zeros(1, latent_dim, device=vae.device, dtype=dtype))
+            out = _networks(vae)[1](torch.zeros(1, latent_dim, device=vae.device, dtype=dtype), _placeholder_labels(vae, 1))
     finally:
         for handle in handles:
             handle.remove()
@@ -163,13 +199,17 @@ def _bytes_per_unit(vae: VAE, dtype: torch.dtype) -> int:
 
 
 def log_likelihood(
-    vae: VAE,
+    vae: VAE | CVAE,
     x: Tensor,
     num_samples: int = 1000,
     batch_size: int | None = None,
     max_memory_bytes: int = 2**30,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Importance-sampled estimates of ``log p(x)`` for each image of ``x: (N, C, H, W)``: ``(N,)`` nats.
+
+    For a conditional model, ``labels: (N,)`` are the images' labels and the estimates are of
+    ``log p(x|y)``: every term below is given ``y``.
 
     ``log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K`` with
     ``z_k ~ q(z|x)``, ``K = num_samples`` (Burda et al., 2016). It is a lower bound in
@@ -194,6 +234,8 @@ def log_likelihood(
     if not isinstance(max_memory_bytes, int) or max_memory_bytes <= 0:
         raise InputError(f"max_memory_bytes must be a positive integer, got {max_memory_bytes!r}")
     vae.check_input(x)
+    _check_labels(vae, x, labels)
+    encode, decode = _networks(vae)
     device = vae.device
     chunk_bytes = max_memory_bytes if device.type != "cpu" else min(max_memory_bytes, CPU_CHUNK_BYTES)
     unit_bytes = _bytes_per_unit(vae, x.dtype)
@@ -213,7 +255,8 @@ def log_likelihood(
         for start in range(0, len(x), batch):
             xb = x[start : start + batch].to(device)  # (B, C, H, W)
             b = len(xb)
-            loc, scale = vae.encoder(xb)  # (B, L) each
+            yb = None if labels is None else labels[start : start + batch].to(device)  # (B,)
+            loc, scale = encode(xb, yb)  # (B, L) each
             q = dist.Normal(loc, scale).to_event(1)  # batch (B,)
             repeated = xb.repeat(samples_per_chunk, *([1] * (xb.dim() - 1)))  # (K_c * B, C, H, W), sample-major
             total = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
@@ -221,7 +264,7 @@ def log_likelihood(
                 k = min(samples_per_chunk, num_samples - first)
                 eps = torch.stack([torch.randn(b, vae.latent_dim, device=device, dtype=loc.dtype) for _ in range(k)])
                 z = loc + scale * eps  # (K_c, B, L)
-                out = vae.decoder(z.reshape(k * b, -1))  # (K_c * B, C, H, W)
+                out = decode(z.reshape(k * b, -1), None if yb is None else yb.repeat(k))  # (K_c * B, C, H, W)
                 log_lik = vae.likelihood(out).log_prob(repeated[: k * b]).reshape(k, b)
                 log_w = log_lik + prior.log_prob(z) - q.log_prob(z)  # (K_c, B)
                 total = torch.logaddexp(total, torch.logsumexp(log_w.double(), dim=0))
@@ -232,24 +275,26 @@ def log_likelihood(
 # --------------------------------------------------------------------------- reconstruction
 
 
-def reconstruction_error(model, x: Tensor, batch_size: int = 1000) -> dict:
+def reconstruction_error(model, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> dict:
     """How well ``model.reconstruct`` gives back ``x: (N, C, H, W)``.
 
     Returns floats ``{"mse": ..., "bce": ...}``: the squared error summed over the pixels of an
     image, and the binary cross-entropy (nats) summed likewise, each averaged over images. For
     the BCE the reconstruction is clipped to ``[1e-6, 1 - 1e-6]`` (a PCA or MSE-trained
     reconstruction may leave ``[0, 1]``); ``"bce"`` is ``None`` when ``x`` itself is not in ``[0, 1]``.
-    Works for any model with ``reconstruct`` and ``input_shape`` (the VAE, the autoencoders, :class:`PCA`).
+    Works for any model with ``reconstruct`` and ``input_shape`` (the VAE, the autoencoders, :class:`PCA`);
+    a conditional model reconstructs each image given its label, ``labels: (N,)``.
     """
     _check_batch_size(batch_size)
     check_observations(x, tuple(model.input_shape))
+    _check_labels(model, x, labels)
     in_unit_interval = bool(constraints.unit_interval.check(x).all())
     device = model.device
     squared, cross_entropy = 0.0, 0.0
     with torch.no_grad(), evaluating(model):
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
-            recon = model.reconstruct(xb)
+            recon = model.reconstruct(xb) if labels is None else model.reconstruct(xb, labels[start : start + batch_size].to(device))
             squared += (recon - xb).square().flatten(1).sum(1).double().sum().item()
             if in_unit_interval:
                 clipped = recon.clamp(BCE_EPS, 1 - BCE_EPS)
@@ -260,10 +305,14 @@ def reconstruction_error(model, x: Tensor, batch_size: int = 1000) -> dict:
 # --------------------------------------------------------------------------- linear probe
 
 
-def _encode_all(encode, x: Tensor, batch_size: int) -> Tensor:
-    """Codes ``(N, L)`` of ``x: (N, C, H, W)``, encoded in batches without gradients."""
+def _encode_all(encode, x: Tensor, batch_size: int, labels: Tensor | None = None) -> Tensor:
+    """Codes ``(N, L)`` of ``x: (N, C, H, W)`` (given ``labels: (N,)`` if any), encoded in batches without gradients."""
     with torch.no_grad():
-        codes = torch.cat([encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).flatten(1)
+        if labels is None:
+            codes = [encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        else:
+            codes = [encode(x[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        codes = torch.cat(codes).flatten(1)
     if not torch.isfinite(codes).all():
         raise InputError("the encoder gave NaN or Inf codes; the model may have diverged")
     return codes
@@ -278,11 +327,14 @@ def linear_probe(
     steps: int = 200,
     l2: float = 1e-3,
     batch_size: int = 1000,
+    encode_with_labels: bool = False,
 ) -> float:
     """Test accuracy, in ``[0, 1]``, of a multinomial logistic regression on the codes.
 
     ``encode`` maps images ``(B, C, H, W)`` to codes ``(B, L)`` (``model.encode``); labels are
-    int64 ``(N,)``. Codes are standardised with the training codes' mean and standard deviation;
+    int64 ``(N,)``. With ``encode_with_labels``, ``encode`` also takes each image's own label
+    ``(B,)`` (a conditional model's ``encode(x, y)``, the mean of q(z|x, y)): the accuracy then
+    says how much of the class the code keeps besides the label it was given. Codes are standardised with the training codes' mean and standard deviation;
     the weights ``(L, classes)`` and biases start at zero and are fitted by full-batch L-BFGS
     (at most ``steps`` iterations) on the mean cross-entropy plus ``l2 * ||W||^2``. Deterministic.
     """
@@ -301,8 +353,8 @@ def linear_probe(
             raise InputError(f"{name}_x is empty")
         if labels.min() < 0:
             raise InputError(f"{name}_y holds negative labels; use class indices 0, 1, ...")
-    train_codes = _encode_all(encode, train_x, batch_size)
-    test_codes = _encode_all(encode, test_x, batch_size)
+    train_codes = _encode_all(encode, train_x, batch_size, train_y if encode_with_labels else None)
+    test_codes = _encode_all(encode, test_x, batch_size, test_y if encode_with_labels else None)
     device = train_codes.device
     train_y, test_y = train_y.to(device), test_y.to(device)
     mean, std = train_codes.mean(0), train_codes.std(0)
@@ -359,8 +411,9 @@ def mmd(a: Tensor, b: Tensor, scales: tuple[float, ...] = MMD_SCALES) -> float:
     return (mean_off_diagonal(kernel(a, a)) + mean_off_diagonal(kernel(b, b)) - 2 * kernel(a, b).mean()).item()
 
 
-def aggregate_posterior_samples(model, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """One code per image of ``x: (N, C, H, W)``, ``(N, L)``: a sample of the aggregated posterior ``q(z) = E_x q(z|x)``.
+def aggregate_posterior_samples(model, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
+    """One code per image of ``x: (N, C, H, W)``, ``(N, L)``: a sample of the aggregated posterior ``q(z) = E_x q(z|x)``
+    (for a conditional model, ``E_{x,y} q(z|x, y)`` with the images' ``labels: (N,)``).
 
     A Gaussian encoder (one that returns ``(loc, scale)``: the VAE's, an AAE's with
     ``gaussian_posterior``) gives a draw ``z ~ q(z|x)`` from torch's global generator; a
@@ -368,22 +421,25 @@ def aggregate_posterior_samples(model, x: Tensor, batch_size: int = 1000) -> Ten
     """
     _check_batch_size(batch_size)
     model.check_input(x)
+    _check_labels(model, x, labels)
+    encode = _networks(model)[0]
     parts = []
     with torch.no_grad(), evaluating(model):
         for start in range(0, len(x), batch_size):
-            out = model.encoder(x[start : start + batch_size].to(model.device))
+            yb = None if labels is None else labels[start : start + batch_size].to(model.device)
+            out = encode(x[start : start + batch_size].to(model.device), yb)
             parts.append(out[0] + out[1] * torch.randn_like(out[0]) if isinstance(out, tuple) else out)
     return torch.cat(parts).flatten(1)
 
 
-def prior_mmd(model, x: Tensor, prior=None, seed: int = 0) -> float:
+def prior_mmd(model, x: Tensor, prior=None, seed: int = 0, labels: Tensor | None = None) -> float:
     """:func:`mmd` between the aggregated posterior on ``x: (N, C, H, W)`` and ``N`` samples of the prior.
 
     ``prior``: a callable returning a distribution with event ``(L,)`` (a pyrovae prior object);
     default: the model's own (``model.prior``: the VAE's, the AAE's), or ``N(0, I)`` for a model
     without one (the autoencoders), so that every model is measured on the same footing. The
     draws come from a generator seeded with ``seed`` (the global RNG is left as it was), so the
-    figure is repeatable.
+    figure is repeatable. A conditional model's codes are given the images' ``labels: (N,)``.
     """
     if prior is None:
         prior = model.prior if callable(getattr(model, "prior", None)) else StandardNormal(model.latent_dim)
@@ -391,7 +447,7 @@ def prior_mmd(model, x: Tensor, prior=None, seed: int = 0) -> float:
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        codes = aggregate_posterior_samples(model, x)
+        codes = aggregate_posterior_samples(model, x, labels=labels)
         with torch.no_grad():
             reference = prior().sample((len(codes),)).reshape(len(codes), -1)
     return mmd(codes, reference.to(codes.device))
@@ -483,18 +539,27 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     The VAE also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
+    A conditional model (the CVAE) is given the test labels throughout: ``"elbo"`` and ``"nll"`` are
+    of ``log p(x|y)``, reconstructions use each image's label, and the codes (probe, MMD) are those of q(z|x, y).
     """
     if not isinstance(num_samples, int) or num_samples < 0:
         raise InputError(f"num_samples must be a non-negative integer, got {num_samples!r}")
     results: dict = {}
+    conditional = getattr(model, "conditional", False)
+    labels = data.test_labels if conditional else None
     with evaluating(model):
-        if isinstance(model, VAE):
-            results.update(test_elbo(model, data.test))
+        if isinstance(model, (VAE, CVAE)):
+            results.update(test_elbo(model, data.test, labels=labels))
             if num_samples > 0:
-                results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples).double().mean().item()
-        results.update(reconstruction_error(model, data.test))
+                results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples, labels=labels).double().mean().item()
+        results.update(reconstruction_error(model, data.test, labels=labels))
         if not isinstance(model, PCA):
-            results["prior_mmd"] = prior_mmd(model, data.test[:MMD_IMAGES])
-        encode = lambda images: model.encode(images.to(model.device))  # noqa: E731  (data may sit on another device)
-        results["probe_accuracy"] = linear_probe(encode, data.train, data.train_labels, data.test, data.test_labels)
+            results["prior_mmd"] = prior_mmd(model, data.test[:MMD_IMAGES], labels=None if labels is None else labels[:MMD_IMAGES])
+        if conditional:  # data may sit on another device than the model
+            encode = lambda images, y: model.encode(images.to(model.device), y.to(model.device))  # noqa: E731
+        else:
+            encode = lambda images: model.encode(images.to(model.device))  # noqa: E731
+        results["probe_accuracy"] = linear_probe(
+            encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional
+        )
     return results

@@ -141,8 +141,15 @@ def make_likelihood(name: str) -> nn.Module:
     return LIKELIHOODS[name]()
 
 
+#: The largest magnitude of an observed value: beyond it the networks' activations and the squared
+#: errors of a Normal likelihood overflow float32 (found by the property tests at 1e30), so the
+#: loss would be NaN instead of a clear error. Images in [0, 1] or standardised data are far inside.
+MAX_ABS_OBSERVATION = 1e6
+
+
 def check_observations(x: Tensor, event_shape: tuple[int, ...], support=None) -> None:
-    """Raise :class:`~pyrovae.errors.InputError` unless ``x`` is a float batch ``(B, *event_shape)`` of finite values in ``support``."""
+    """Raise :class:`~pyrovae.errors.InputError` unless ``x`` is a float batch ``(B, *event_shape)`` of finite values in ``support``
+    and no larger in magnitude than :data:`MAX_ABS_OBSERVATION`."""
     if not isinstance(x, Tensor):
         raise InputError(f"expected a tensor of images of shape (B, {', '.join(map(str, event_shape))}), got {type(x).__name__}")
     if tuple(x.shape[1:]) != tuple(event_shape) or x.dim() != len(event_shape) + 1:
@@ -153,6 +160,11 @@ def check_observations(x: Tensor, event_shape: tuple[int, ...], support=None) ->
         raise InputError(f"expected floating-point images (scale integers to [0, 1] first), got dtype {x.dtype}")
     if not torch.isfinite(x).all():
         raise InputError("the images contain NaN or Inf values")
+    if bool((x.abs() > MAX_ABS_OBSERVATION).any()):
+        raise InputError(
+            f"the images have values as large as {x.abs().max().item():g}, beyond {MAX_ABS_OBSERVATION:g}, where the networks "
+            "overflow; scale pixels to [0, 1] or standardise the data"
+        )
     if support is not None and not bool(support.check(x).all()):
         lo, hi = x.min().item(), x.max().item()
         raise InputError(

@@ -9,8 +9,11 @@ caller drops it (in a notebook, display it by leaving it as a cell's value).
 Images are ``(B, C, H, W)`` with values in ``[0, 1]`` and 1 (grey levels) or 3 (RGB) channels;
 a model is anything with ``encode: (B, C, H, W) -> (B, L)``, ``decode: (B, L) -> (B, C, H, W)``
 and ``reconstruct`` (the VAE, the autoencoders, :class:`~pyrovae.evaluation.PCA`), and
-``sample(n)`` where it can sample. Models draw in eval mode (dropout off) and are left in the
-mode they were in. Grids come from :func:`torchvision.utils.make_grid`.
+``sample(n)`` where it can sample. A conditional model (the CVAE: ``encode(x, y)``,
+``decode(z, y)``, ``reconstruct(x, y)``, ``sample(n, y)``) is given the images' ``labels: (N,)``
+wherever it encodes or reconstructs, and draws one row per class in :func:`class_samples`.
+Models draw in eval mode (dropout off) and are left in the mode they were in. Grids come from
+:func:`torchvision.utils.make_grid`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .errors import InputError
 from .evaluation import PCA
 from .models.base import evaluating
 
-__all__ = ["reconstructions", "samples", "interpolations", "latent_scatter", "manifold", "training_curves", "comparison"]
+__all__ = ["reconstructions", "samples", "class_samples", "interpolations", "latent_scatter", "manifold", "training_curves", "comparison"]
 
 PADDING = 2  # pixels between the images of a grid
 PAD_VALUE = 0.5  # grey lines between images
@@ -90,24 +93,42 @@ def _show_grid(ax, images: Tensor, ncol: int, row_labels=None, col_labels=None) 
         spine.set_visible(False)
 
 
-def _encode(model, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """Codes ``(N, L)`` of ``x``, computed in batches on the model's device, returned on the CPU."""
+def _given(model, labels, n: int) -> tuple:
+    """What a conditional model takes beside the images: ``(y,)``, the first ``n`` of ``labels`` on its device;
+    ``()`` for a model of images alone."""
+    if not getattr(model, "conditional", False):
+        return ()
+    if labels is None:
+        raise InputError(f"a {_name(model)} models images given their labels: pass labels, one per image")
+    labels = torch.as_tensor(labels)
+    return (labels[:n].to(_device(model, labels.device)),)
+
+
+def _encode(model, x: Tensor, batch_size: int = 1000, labels=None) -> Tensor:
+    """Codes ``(N, L)`` of ``x`` (given ``labels: (N,)`` for a conditional model), computed in batches on the
+    model's device, returned on the CPU."""
     device = _device(model, x.device)
+    given = _given(model, labels, len(x))
     with torch.no_grad(), evaluating(model):
-        return torch.cat([model.encode(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]).flatten(1)
+        codes = [
+            model.encode(x[i : i + batch_size].to(device), *(y[i : i + batch_size] for y in given)).cpu()
+            for i in range(0, len(x), batch_size)
+        ]
+    return torch.cat(codes).flatten(1)
 
 
 # --------------------------------------------------------------------------- figures
 
 
-def reconstructions(model, x: Tensor, n: int = 8, path=None) -> Figure:
-    """The first ``n`` images of ``x: (N, C, H, W)`` (top row) above their reconstructions (bottom row)."""
+def reconstructions(model, x: Tensor, n: int = 8, path=None, labels=None) -> Figure:
+    """The first ``n`` images of ``x: (N, C, H, W)`` (top row) above their reconstructions (bottom row);
+    a conditional model reconstructs each given its label in ``labels: (N,)``."""
     _check_images(x)
     if n <= 0:
         raise InputError(f"n must be positive, got {n}")
     x = x[:n].to(_device(model, x.device))
     with torch.no_grad(), evaluating(model):
-        recon = model.reconstruct(x)
+        recon = model.reconstruct(x, *_given(model, labels, len(x)))
     figure = _figure(CELL_INCHES * len(x) + 1.4, CELL_INCHES * 2 + 0.6)
     ax = figure.add_subplot()
     _show_grid(ax, torch.cat([x, recon]), ncol=len(x), row_labels=["input", "reconstruction"])
@@ -119,6 +140,8 @@ def samples(vae, n: int = 64, path=None) -> Figure:
     """``n`` images ``vae.sample(n)`` (decoded draws from the prior) in a square-ish grid."""
     if not hasattr(vae, "sample"):
         raise InputError(f"a {_name(vae)} has no prior to sample from; use a VAE")
+    if getattr(vae, "conditional", False):
+        raise InputError(f"a {_name(vae)} samples images of given classes: draw one row per class with class_samples")
     if n <= 0:
         raise InputError(f"n must be positive, got {n}")
     with evaluating(vae):
@@ -129,6 +152,25 @@ def samples(vae, n: int = 64, path=None) -> Figure:
     ax = figure.add_subplot()
     _show_grid(ax, images, ncol=ncol)
     ax.set_title(f"{_name(vae)}: samples from the prior")
+    return _finish(figure, path)
+
+
+def class_samples(model, n: int = 10, path=None) -> Figure:
+    """A conditional model's samples, one row per class: ``n`` images ``model.sample(n, k)`` (decoded draws
+    from the prior, given the class) in row ``k`` for ``k = 0, ..., K - 1``."""
+    if not getattr(model, "conditional", False):
+        raise InputError(f"a {_name(model)} is not conditional: it has no classes to sample from; use samples")
+    if n <= 0:
+        raise InputError(f"n must be positive, got {n}")
+    classes = model.num_classes
+    labels = torch.arange(classes, device=_device(model, torch.device("cpu"))).repeat_interleave(n)  # (K * n,)
+    with evaluating(model):
+        images = model.sample(len(labels), labels)  # (K * n, C, H, W), row after row
+    figure = _figure(CELL_INCHES * n + 0.8, CELL_INCHES * classes + 0.6)
+    ax = figure.add_subplot()
+    _show_grid(ax, images, ncol=n, row_labels=[str(k) for k in range(classes)])
+    ax.set_ylabel("class")
+    ax.set_title(f"{_name(model)}: samples of each class")
     return _finish(figure, path)
 
 
@@ -180,7 +222,8 @@ def latent_scatter(model, x: Tensor, labels: Tensor, path=None, prior_samples: T
     """The codes of ``x: (N, C, H, W)`` as a 2-D scatter coloured by ``labels: (N,)``.
 
     Two-dimensional codes are drawn as they are; longer codes are projected on their first two
-    principal components (the axes say how much of the codes' variance each keeps). Up to 20
+    principal components (the axes say how much of the codes' variance each keeps); a conditional
+    model encodes each image given its label (the codes of q(z|x, y)). Up to 20
     classes get a legend, more a colour bar. ``prior_samples: (M, L)``, draws from the prior, are
     drawn underneath in grey (and then the projection is the prior samples' principal components),
     to show how closely the codes follow the prior.
@@ -189,7 +232,7 @@ def latent_scatter(model, x: Tensor, labels: Tensor, path=None, prior_samples: T
     labels = torch.as_tensor(labels).cpu()
     if labels.shape != (len(x),):
         raise InputError(f"labels must be one per image, shape ({len(x)},), got {tuple(labels.shape)}")
-    codes = _encode(model, x)
+    codes = _encode(model, x, labels=labels)
     latent_dim = codes.shape[1]
     if latent_dim < 2:
         raise InputError(f"a scatter needs codes of at least two dimensions, this model's have {latent_dim}")
@@ -292,9 +335,10 @@ def training_curves(history: list[dict], path=None) -> Figure:
     return _finish(figure, path)
 
 
-def comparison(models: dict, x: Tensor, n: int = 8, path=None) -> Figure:
+def comparison(models: dict, x: Tensor, n: int = 8, path=None, labels=None) -> Figure:
     """Models side by side: the first ``n`` images of ``x`` and each model's reconstructions (top),
     and ``n`` samples from each model that can sample (bottom). ``models`` maps a name to a model.
+    A conditional model is given the images' ``labels: (N,)``, and samples the classes of the images shown.
     """
     if not models:
         raise InputError("give at least one model to compare, as {name: model}")
@@ -306,10 +350,11 @@ def comparison(models: dict, x: Tensor, n: int = 8, path=None) -> Figure:
     sample_rows, sample_names = [], []
     with torch.no_grad(), evaluating(*models.values()):
         for name, model in models.items():
-            recon_rows.append(model.reconstruct(x.to(_device(model, x.device))).cpu())
+            given = _given(model, labels, len(x))
+            recon_rows.append(model.reconstruct(x.to(_device(model, x.device)), *given).cpu())
             recon_names.append(name)
             if hasattr(model, "sample"):
-                sample_rows.append(model.sample(len(x)).cpu())
+                sample_rows.append(model.sample(len(x), *given).cpu())
                 sample_names.append(name)
     heights = [len(recon_rows)] + ([len(sample_rows)] if sample_rows else [])
     figure = _figure(CELL_INCHES * len(x) + 1.6, CELL_INCHES * sum(heights) + 0.7 * len(heights))

@@ -168,6 +168,48 @@ def test_compare_writes_runs_that_eval_reads_and_never_overwrites(tmp_path, data
     assert "never overwrites" in capsys.readouterr().err
 
 
+def test_a_cvae_run_is_conditional_from_training_to_eval_and_samples_one_row_per_class(tmp_path, data_dir, capsys, monkeypatch):
+    folder = tmp_path / "cvae"
+    argv = ["train", "--model", "cvae", "--out", str(folder), *data_dir, *SMALL, "--val-size", "100", "--eval-images", "100"]
+    assert main(argv) == 0
+    assert json.loads((folder / "config.json").read_text())["model_name"] == "cvae"
+    history = json.loads((folder / "metrics.json").read_text())
+    assert history[-1]["val_loss"] > 0 and history[-1]["test_loss"] > 0  # validation and monitor got their labels
+    for name in ["reconstructions.png", "latent.png", "samples.png", "training_curves.png"]:
+        assert (folder / name).stat().st_size > 0, name
+    capsys.readouterr()
+
+    assert main(["eval", str(folder), "--num-samples", "20"]) == 0
+    assert "log p(x|y), given each test image's label" in capsys.readouterr().out
+    results = json.loads((folder / "eval.json").read_text())
+    assert results["nll"] < -results["elbo"] and 0 <= results["probe_accuracy"] <= 1
+
+    drawn = []
+    class_samples = cli.plots.class_samples
+
+    def recording(*args, **kwargs):
+        drawn.append(class_samples(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(cli.plots, "class_samples", recording)
+    assert main(["sample", str(folder), "-n", "3", "-o", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    grid = drawn[0].axes[0].images[0].get_array()
+    assert grid.shape[:2] == (10 * 30 + 2, 3 * 30 + 2)  # one row of three 28x28 images per class
+    assert [t.get_text() for t in drawn[0].axes[0].get_yticklabels()] == [str(k) for k in range(10)]
+    capsys.readouterr()
+    assert main(["interpolate", str(folder), "-o", str(tmp_path / "i.png")]) == 2
+    assert "conditional" in capsys.readouterr().err
+
+
+def test_compare_accepts_a_cvae(tmp_path, data_dir):
+    folder = tmp_path / "compare"
+    assert main(["compare", "--models", "vae,cvae", "--out", str(folder), "--num-samples", "10", *data_dir, *SMALL]) == 0
+    rows = {row["model"]: row for row in json.loads((folder / "comparison.json").read_text())}
+    assert rows["cvae"]["nll"] < -rows["cvae"]["elbo"] and rows["vae"]["nll"] < -rows["vae"]["elbo"]
+    assert (folder / "comparison.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [

@@ -159,6 +159,31 @@ def test_dynamic_binarization_draws_each_pixel():
     torch.testing.assert_close(drawn, again)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_labels_come_with_their_own_images_and_draw_nothing(shuffle):
+    """The same images (and binarization) as without labels, for the same seed; each with its label."""
+    x = torch.rand(23, 1, 2, 2)
+    labels = torch.arange(23) * 10
+    plain = list(batches(x, 5, torch.Generator().manual_seed(3), shuffle=shuffle, binarize=True))
+    generator = torch.Generator().manual_seed(3)
+    labelled = list(batches(x, 5, generator, shuffle=shuffle, binarize=True, labels=labels))
+    assert len(labelled) == len(plain) == 5
+    index = torch.randperm(23, generator=torch.Generator().manual_seed(3)) if shuffle else torch.arange(23)
+    for start, (images, (same, y)) in zip(range(0, 23, 5), zip(plain, labelled)):
+        assert torch.equal(images, same)
+        assert torch.equal(y, labels[index[start : start + 5]])
+    assert torch.equal(generator.get_state(), _drained(torch.Generator().manual_seed(3), x, shuffle))
+    with pytest.raises(ValueError, match="one per image: 23 images, 22 labels"):
+        next(batches(x, 5, labels=labels[:22]))
+
+
+def _drained(generator, x, shuffle):
+    """The state of ``generator`` after an epoch of batches of ``x`` without labels."""
+    for _ in batches(x, 5, generator, shuffle=shuffle, binarize=True):
+        pass
+    return generator.get_state()
+
+
 def test_batch_errors():
     with pytest.raises(ValueError, match="batch_size must be positive"):
         next(batches(ramp(5), 0))

@@ -6,7 +6,7 @@ import torch
 from matplotlib.figure import Figure
 
 from conftest import tiny_network
-from pyrovae import AE, VAE, AEConfig, VAEConfig, plots
+from pyrovae import AE, CVAE, VAE, AEConfig, CVAEConfig, VAEConfig, plots
 from pyrovae.evaluation import PCA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,3 +135,23 @@ def test_figures_draw_in_eval_mode_and_leave_the_mode_alone(mnist, tmp_path):
     torch.manual_seed(0)
     b = plots.samples(vae, n=4).axes[0].images[0].get_array()
     assert (a == b).all() and vae.training
+
+
+def test_a_conditional_model_is_given_the_labels(models, mnist, tmp_path):
+    """Reconstructions, codes and the comparison of a CVAE use each image's label; without labels, a clear error."""
+    torch.manual_seed(0)
+    cvae = CVAE(CVAEConfig(network=tiny_network())).eval()
+    x, labels = mnist.test[:6], mnist.test_labels[:6]
+    figure = plots.reconstructions(cvae, x, labels=labels, path=tmp_path / "recon.png")
+    assert_png(figure, tmp_path / "recon.png")
+    grid = torch.as_tensor(figure.axes[0].images[0].get_array().data)
+    cell = 28 + plots.PADDING
+    bottom_left = grid[plots.PADDING + cell : plots.PADDING + cell + 28, plots.PADDING : plots.PADDING + 28]
+    torch.testing.assert_close(bottom_left, cvae.reconstruct(x, labels)[0, 0])
+    assert not torch.allclose(bottom_left, cvae.reconstruct(x, (labels + 1) % 10)[0, 0])
+    with pytest.raises(ValueError, match="pass labels"):
+        plots.reconstructions(cvae, x)
+    assert_png(plots.latent_scatter(cvae, mnist.test[:50], mnist.test_labels[:50], path=tmp_path / "l.png"), tmp_path / "l.png")
+    figure = plots.comparison({"cvae": cvae, **models}, mnist.test, n=4, labels=mnist.test_labels, path=tmp_path / "c.png")
+    assert_png(figure, tmp_path / "c.png")
+    assert [t.get_text() for t in figure.axes[1].get_yticklabels()] == ["cvae", "vae"]

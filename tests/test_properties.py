@@ -61,6 +61,7 @@ def _valid_for(x, support, dtype=None) -> bool:
         and x.shape[0] > 0
         and x.is_floating_point()
         and bool(torch.isfinite(x).all())
+        and bool((x.abs() <= 1e6).all())  # larger magnitudes overflow the networks: refused
         and bool(support.check(x).all())
     )
 

@@ -576,8 +576,8 @@ def test_config_round_trips_through_json():
 
 
 def test_model_registry_errors():
-    assert set(MODELS) == {"vae", "aae", "ae", "sparse", "stacked", "denoising"}
-    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'denoising', 'sparse', 'stacked', 'vae'\]"):
+    assert set(MODELS) == {"vae", "cvae", "aae", "ae", "sparse", "stacked", "denoising"}
+    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'sparse', 'stacked', 'vae'\]"):
         build_model("gan")
     with pytest.raises(ValueError, match="not a VAEConfig"):
         config_from_dict("vae", {"nonsense": 1})

@@ -1,4 +1,4 @@
-"""The models, by name: the Pyro VAE, the adversarial autoencoder and the deterministic baselines."""
+"""The models, by name: the Pyro VAE and conditional VAE, the adversarial autoencoder and the deterministic baselines."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ from .autoencoders import (
     StackedAEConfig,
 )
 from .base import AutoencoderMixin, Phase, Progress, TrainableModel, Update, config_to_dict
+from .cvae import CVAE, CVAEConfig
 from .vae import VAE, VAEConfig
 
 __all__ = [
     "AAE", "AAEConfig", "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
-    "DenoisingAEConfig", "VAE", "VAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
+    "DenoisingAEConfig", "VAE", "VAEConfig", "CVAE", "CVAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
     "config_to_dict",
 ]
 
 #: model name -> (class, config class)
 MODELS = {
     "vae": (VAE, VAEConfig),
+    "cvae": (CVAE, CVAEConfig),
     "aae": (AAE, AAEConfig),
     "ae": (AE, AEConfig),
     "sparse": (SparseAE, SparseAEConfig),

@@ -15,7 +15,16 @@ knows of a model; adding a model never edits the loop:
 * :meth:`~TrainableModel.training_step`: one step on a batch; the model says which losses
   update which group, through ``update(group, compute_loss)``, and the Trainer does the rest
   (zeroing, backward, clipping, gradient averaging across processes, the optimizer's step);
-* :meth:`~TrainableModel.validation_loss`: the loss per example on held-out images.
+* :meth:`~TrainableModel.validation_loss`: the loss per example on held-out images;
+* :attr:`~TrainableModel.conditional`: whether the model also takes each image's label ``y``.
+
+**Conditional models.** A model of images given their labels (the conditional VAE, which
+models log p(x|y)) sets ``conditional = True``. Its ``training_step`` and ``validation_loss``
+then take the batch's labels as the keyword argument ``y: (B,)`` (int64 class indices), and
+:meth:`~TrainableModel.check_labels` accepts labels it can use. The Trainer checks the labels
+of every split with ``check_labels`` before training and slices them with the same permutation as
+the images; it refuses to train a conditional model without labels, and labels for any other
+(whose ``check_labels`` refuses every label).
 
 A model that needs several optimizers per step (an adversarial autoencoder: reconstruction,
 then discriminator, then generator) calls ``update`` once per group, in order.
@@ -79,6 +88,17 @@ class TrainableModel:
     parameter group, ``"model"``, with all parameters, and one phase.
     """
 
+    #: False: the model is of images alone. True: its ``training_step`` and ``validation_loss`` also
+    #: take the batch's labels, ``y: (B,)`` int64, by keyword, and :meth:`check_labels` accepts labels.
+    conditional: bool = False
+
+    def check_labels(self, y: Tensor, n: int) -> None:
+        """Raise :class:`~pyrovae.errors.InputError` unless ``y`` are labels ``(n,)`` this model takes for ``n`` images.
+
+        A model that is not conditional takes none, so this refuses every ``y``.
+        """
+        raise InputError(f"a {type(self).__name__} is not conditional: it takes images alone, without labels")
+
     def parameter_groups(self) -> dict[str, list]:
         """Group name -> what a torch optimizer takes: parameters, or torch's per-group dicts."""
         return {"model": list(self.parameters())}
@@ -91,12 +111,13 @@ class TrainableModel:
         """Train on the batch ``x: (B, C, H, W)``; return the step's figures, ``"loss"`` (per example) first.
 
         Every figure (a scalar tensor or float) becomes a column of the history, averaged over
-        the epoch's images.
+        the epoch's images. A conditional model also takes ``y: (B,)``, the batch's labels.
         """
         raise NotImplementedError
 
     def validation_loss(self, x: Tensor) -> Tensor:
-        """The loss per example on ``x: (B, C, H, W)``, a scalar; called in eval mode without gradients."""
+        """The loss per example on ``x: (B, C, H, W)`` (and ``y: (B,)`` for a conditional model), a scalar;
+        called in eval mode without gradients."""
         raise NotImplementedError
 
 

@@ -33,7 +33,9 @@ save/load all work, and so do ``state_dict`` and torch optimizers. The rule:
 * each VAE has its own ``name``, the prefix of its parameters' names. By default the first VAE of a
   process is ``"vae"``, the next ``"vae_1"``, and so on; default names are never reused within a
   process, so two VAEs never share parameters, even after one is gone. A name given with
-  ``name=`` is refused while another live VAE has it.
+  ``name=`` is refused while another live VAE has it. The conditional VAE
+  (:mod:`pyrovae.models.cvae`) follows the same rule, with default names ``"cvae"``,
+  ``"cvae_1"``, ..., and the same registry of names in use.
 * as in Pyro, the param store wins over the module when they disagree: after
   ``pyro.get_param_store().load(path)``, the next call of ``model`` or ``guide`` takes the loaded
   parameters into the modules. Use ``name=`` to find a model's parameters again in another
@@ -141,17 +143,103 @@ def _scaled(scale: float):
     return poutine.mask(mask=False) if scale == 0 else poutine.scale(scale=scale)
 
 
-_default_names = itertools.count()
-#: name -> the live VAE that has it; a memo of names in use, not state (entries vanish with their models)
+#: prefix -> the counter of its default names ("vae", "vae_1", ...; "cvae", "cvae_1", ...)
+_default_names: dict[str, itertools.count] = {}
+#: name -> the live model (VAE or CVAE) that has it; a memo of names in use, not state (entries vanish with their models)
 _live_names: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _new_name() -> str:
+def _new_name(prefix: str) -> str:
+    counter = _default_names.setdefault(prefix, itertools.count())
     while True:
-        index = next(_default_names)
-        name = "vae" if index == 0 else f"vae_{index}"
+        index = next(counter)
+        name = prefix if index == 0 else f"{prefix}_{index}"
         if name not in _live_names:
             return name
+
+
+def _claim_name(model, name: str | None, prefix: str) -> str:
+    """The name of ``model``'s parameters in Pyro's param store (see the module docs), recorded as in use.
+
+    ``name`` if given and no other live model has it; else the next free default ``prefix``, ``prefix_1``, ...
+    """
+    if name is not None and (not isinstance(name, str) or not name or "$$$" in name):
+        raise InputError(f"name must be a non-empty string without '$$$', got {name!r}")
+    holder = _live_names.get(name) if name is not None else None
+    if holder is not None:
+        raise InputError(
+            f"another {type(holder).__name__} in this process is called {name!r}: the two would share parameters; choose another name"
+        )
+    name = name if name is not None else _new_name(prefix)
+    _live_names[name] = model
+    return name
+
+
+def _declare_parts(model, *parts: str) -> None:
+    """Register the parameters of ``model.<part>`` in Pyro's param store, as ``<model.name>.<part>$$$<parameter>``.
+
+    PyroModules (a user's prior, say) declare their own parameters; functions have none.
+    """
+    for part in parts:
+        module = getattr(model, part)
+        if isinstance(module, nn.Module) and not isinstance(module, PyroModule):
+            pyro.module(f"{model.name}.{part}", module, update_module_params=True)
+
+
+def _images_plate(batch_size: int, num_data: int | None, device):
+    """The plate over images: ``batch_size`` of them, standing for ``num_data`` (scale ``num_data / batch_size``)."""
+    if num_data is None or num_data == batch_size:
+        return pyro.plate("data", batch_size, device=device)
+    return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), device=device)
+
+
+def _check_likelihood(likelihood, out: Tensor, input_shape: tuple[int, ...]) -> None:
+    """Raise :class:`InputError` unless ``likelihood(out)``, for the decoder output ``out: (2, C, H, W)`` of two
+    codes, is a distribution with batch shape ``(2,)`` and event shape ``input_shape``."""
+    d = likelihood(out)
+    if not isinstance(d, torch.distributions.Distribution):
+        raise InputError(f"the likelihood returned {type(d).__name__}, not a distribution")
+    if tuple(d.batch_shape) != (2,) or tuple(d.event_shape) != input_shape:
+        raise InputError(
+            f"the likelihood must give batch_shape (B,) and event_shape {input_shape}, got "
+            f"{tuple(d.batch_shape)} and {tuple(d.event_shape)}; use .to_event(3) on a per-pixel distribution"
+        )
+
+
+@contextmanager
+def _kl_weight_set(model, weight: float):
+    """``model.kl_weight`` is ``weight`` inside, ``model.config.beta`` again after."""
+    model.kl_weight = weight
+    try:
+        yield
+    finally:
+        model.kl_weight = float(model.config.beta)
+
+
+def _warmed_up_kl_weight(config: VAEConfig, progress: Progress) -> float:
+    """beta, raised linearly from 0 over ``config.kl_warmup_epochs`` epochs (``progress.epochs_done``)."""
+    warmup = config.kl_warmup_epochs
+    return float(config.beta) * (min(1.0, progress.epochs_done / warmup) if warmup else 1.0)
+
+
+def _elbo_loss(model, x: Tensor, num_data: int | None, **condition) -> Tensor:
+    """``model.elbo``'s loss per example for ``model.model`` and ``model.guide`` on ``x: (B, C, H, W)`` (and
+    ``condition``, the further keyword arguments both take), the batch standing for ``num_data`` images.
+
+    Trace ELBOs return a differentiable loss (the caller runs backward); RenyiELBO offers
+    ``loss_and_grads`` only and runs unscaled (a scale inside its log-mean-exp would change
+    the bound), so its gradients are filled here and the returned loss is detached.
+    """
+    elbo = model.elbo
+    if isinstance(elbo, RenyiELBO):
+        objective = elbo.loss_and_grads if torch.is_grad_enabled() else elbo.loss
+        value = objective(model.model, model.guide, x, **condition)
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.div_(len(x))
+        return torch.tensor(value / len(x), device=x.device)
+    n = num_data or len(x)
+    return elbo.differentiable_loss(model.model, model.guide, x, num_data=n, **condition) / n
 
 
 class VAE(AutoencoderMixin, PyroModule):
@@ -164,13 +252,8 @@ class VAE(AutoencoderMixin, PyroModule):
     """
 
     def __init__(self, config: VAEConfig | None = None, *, prior=None, likelihood=None, encoder=None, decoder=None, name: str | None = None):
-        if name is not None and (not isinstance(name, str) or not name or "$$$" in name):
-            raise InputError(f"name must be a non-empty string without '$$$', got {name!r}")
-        if name is not None and name in _live_names:
-            raise InputError(f"another VAE in this process is called {name!r}: the two would share parameters; choose another name")
-        name = name if name is not None else _new_name()
+        name = _claim_name(self, name, "vae")
         super().__init__(name=name)
-        _live_names[name] = self
         self.name = name
         self.config = config = config or VAEConfig()
         if not isinstance(config, VAEConfig):
@@ -183,41 +266,18 @@ class VAE(AutoencoderMixin, PyroModule):
         self.kl_weight = float(config.beta)
         self.elbo = _build_elbo(config)
         check_prior(self.prior, net.latent_dim)
-        self._check_likelihood()
+        with torch.no_grad():
+            _check_likelihood(self.likelihood, self.decoder(torch.zeros(2, self.latent_dim, device=self.device)), self.input_shape)
 
     @property
     def support(self):
         return getattr(self.likelihood, "support", None)
 
-    def _check_likelihood(self) -> None:
-        with torch.no_grad():
-            out = self.decoder(torch.zeros(2, self.latent_dim, device=self.device))
-            d = self.likelihood(out)
-        if not isinstance(d, torch.distributions.Distribution):
-            raise InputError(f"the likelihood returned {type(d).__name__}, not a distribution")
-        if tuple(d.batch_shape) != (2,) or tuple(d.event_shape) != self.input_shape:
-            raise InputError(
-                f"the likelihood must give batch_shape (B,) and event_shape {self.input_shape}, got "
-                f"{tuple(d.batch_shape)} and {tuple(d.event_shape)}; use .to_event(3) on a per-pixel distribution"
-            )
-
     # ------------------------------------------------------------------ the Pyro program
 
     def _declare(self, *parts: str) -> None:
-        """Register the parameters of ``self.<part>`` in Pyro's param store, as ``<name>.<part>$$$<parameter>``.
-
-        PyroModules (a user's prior, say) declare their own parameters; functions have none.
-        """
-        for part in parts:
-            module = getattr(self, part)
-            if isinstance(module, nn.Module) and not isinstance(module, PyroModule):
-                pyro.module(f"{self.name}.{part}", module, update_module_params=True)
-
-    def _images_plate(self, batch_size: int, num_data: int | None, device):
-        """The plate over images: ``batch_size`` of them, standing for ``num_data`` (scale ``num_data / batch_size``)."""
-        if num_data is None or num_data == batch_size:
-            return pyro.plate("data", batch_size, device=device)
-        return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), device=device)
+        """Register the parameters of ``self.<part>`` in Pyro's param store, as ``<name>.<part>$$$<parameter>``."""
+        _declare_parts(self, *parts)
 
     def model(self, x: Tensor | None = None, num_data: int | None = None, batch_size: int = 1) -> Tensor:
         """p(x, z) = p(z) p(x|z): scores ``x: (B, C, H, W)``, or samples ``batch_size`` images without it.
@@ -230,7 +290,7 @@ class VAE(AutoencoderMixin, PyroModule):
                 self.check_input(x)
             batch_size = x.shape[0]
         self._declare("decoder", "likelihood", "prior")
-        with self._images_plate(batch_size, num_data, x.device if x is not None else self.device):
+        with _images_plate(batch_size, num_data, x.device if x is not None else self.device):
             with _scaled(self.kl_weight):
                 z = pyro.sample("z", self.prior())  # (B, L)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (B, C, H, W)
@@ -240,52 +300,26 @@ class VAE(AutoencoderMixin, PyroModule):
         if is_validation_enabled():
             self.check_input(x)
         self._declare("encoder")
-        with self._images_plate(x.shape[0], num_data, x.device):
+        with _images_plate(x.shape[0], num_data, x.device):
             loc, scale = self.encoder(x)  # (B, L) each
             with _scaled(self.kl_weight):
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # ------------------------------------------------------------------ training interface
 
-    @contextmanager
-    def _kl_weight_set(self, weight: float):
-        """Use the KL weight ``weight`` inside, ``config.beta`` again after."""
-        self.kl_weight = weight
-        try:
-            yield
-        finally:
-            self.kl_weight = float(self.config.beta)
-
-    def _loss(self, x: Tensor, num_data: int | None) -> Tensor:
-        """The objective's loss per example on ``x: (B, C, H, W)``, standing for ``num_data`` images.
-
-        Trace ELBOs return a differentiable loss (the caller runs backward); RenyiELBO offers
-        ``loss_and_grads`` only and runs unscaled (a scale inside its log-mean-exp would change
-        the bound), so its gradients are filled here and the returned loss is detached.
-        """
-        if isinstance(self.elbo, RenyiELBO):
-            value = self.elbo.loss_and_grads(self.model, self.guide, x) if torch.is_grad_enabled() else self.elbo.loss(self.model, self.guide, x)
-            for param in self.parameters():
-                if param.grad is not None:
-                    param.grad.div_(len(x))
-            return torch.tensor(value / len(x), device=x.device)
-        n = num_data or len(x)
-        return self.elbo.differentiable_loss(self.model, self.guide, x, num_data=n) / n
-
     def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor | float]:
         """One step of the configured ELBO on ``x: (B, C, H, W)``, the batch standing for ``progress.num_data`` images.
 
         Figures: ``loss`` (the negative ELBO per image) and ``kl_weight`` (beta after warm-up).
         """
-        warmup = self.config.kl_warmup_epochs
-        weight = float(self.config.beta) * (min(1.0, progress.epochs_done / warmup) if warmup else 1.0)
-        with self._kl_weight_set(weight):
-            loss = update("model", lambda: self._loss(x, progress.num_data))
+        weight = _warmed_up_kl_weight(self.config, progress)
+        with _kl_weight_set(self, weight):
+            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data))
         return {"loss": loss, "kl_weight": weight}
 
     def validation_loss(self, x: Tensor) -> Tensor:
         """The configured objective's loss per image on ``x: (B, C, H, W)``, with the full KL weight."""
-        return self._loss(x, None).detach()
+        return _elbo_loss(self, x, None).detach()
 
     # ------------------------------------------------------------------ using a trained model
 

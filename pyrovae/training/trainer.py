@@ -7,6 +7,11 @@ the group's gradients, ``backward``, clip (``grad_clip``), the optimizer's step.
 is a Pyro ELBO, an autoencoder's one loss, an adversarial autoencoder's three updates in a row.
 Losses are per example, for every model, so ``lr`` and ``grad_clip`` mean the same thing for all.
 
+Labels: a conditional model (``model.conditional``, the CVAE) trains on images and their labels;
+``fit`` takes the labels of each split (``train_labels``, ...), slices them with the images'
+permutation, and hands them to the model's step and validation loss as ``y``. The loop itself is
+the same for every model.
+
 Speed: the data stays one tensor on the model's device, sliced by :func:`pyrovae.data.batches`;
 it is checked once with ``model.check_input`` before training, after which steps run with Pyro's
 validation off; the step's figures stay on the device and are read about once a second
@@ -136,6 +141,15 @@ class _Updater:
         return loss
 
 
+def _labelled(batch) -> tuple[Tensor, dict]:
+    """A batch of :func:`pyrovae.data.batches` as a model's step takes it: the images, and ``{"y": labels}``
+    when the batch comes with labels (for a conditional model), else nothing more."""
+    if isinstance(batch, tuple):
+        x, y = batch
+        return x, {"y": y}
+    return batch, {}
+
+
 def _model_name(model) -> str | None:
     return next((name for name, (cls, _) in MODELS.items() if type(model) is cls), None)
 
@@ -199,19 +213,34 @@ class Trainer:
         """Where the model is, and where the data goes."""
         return next(self.model.parameters()).device
 
-    def fit(self, train: Tensor, val: Tensor | None = None, dynamic_binarization: bool = False, test: Tensor | None = None) -> list[dict]:
+    def fit(
+        self,
+        train: Tensor,
+        val: Tensor | None = None,
+        dynamic_binarization: bool = False,
+        test: Tensor | None = None,
+        *,
+        train_labels: Tensor | None = None,
+        val_labels: Tensor | None = None,
+        test_labels: Tensor | None = None,
+    ) -> list[dict]:
         """Train on ``train: (N, C, H, W)``; validate on ``val: (M, C, H, W)`` every ``config.eval_every`` epochs.
 
         dynamic_binarization: train on a fresh ``Bernoulli(pixels)`` draw of every batch.
         test: images ``(T, C, H, W)`` scored like ``val`` (the model's validation loss) as the
             history's ``test_loss``, to watch over- or under-fitting; never used for a decision.
+        train_labels, val_labels, test_labels: int64 labels ``(N,)``, ``(M,)``, ``(T,)`` of the images
+            of each split given, for a conditional model (``model.conditional``), which needs them;
+            a model of images alone takes none. They change no random draw of the run.
         A new run seeds torch's global RNG with ``config.seed`` (see the module docs).
         Returns the history: one dict per epoch with the keys :data:`HISTORY_COLUMNS` and the
         model's own figures. Raises :class:`~pyrovae.errors.InputError` for unusable data (before
         training or writing any file), :class:`TrainingError` for a non-finite loss,
         :class:`KeyboardInterrupt` on SIGINT/SIGTERM.
         """
-        train, val, test = self._check_data(train, val, test, dynamic_binarization)
+        (train, train_labels), val, test = self._check_data(
+            {"train": (train, train_labels), "val": (val, val_labels), "test": (test, test_labels)}, dynamic_binarization
+        )
         if self._pending is not None:
             self._restore(self._pending, len(train), dynamic_binarization)
             self._pending = None
@@ -223,7 +252,7 @@ class Trainer:
         with self._catch_signals(), tensorboard, pyro.validation_enabled(False):
             self.model.train()
             while not self._pos.done:
-                self._train_epoch(train, dynamic_binarization)
+                self._train_epoch(train, train_labels, dynamic_binarization)
                 self._end_epoch(val, test)
                 if self._signal is not None:
                     self._interrupt()
@@ -250,12 +279,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _check_data(self, train, val, test, dynamic_binarization: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Check every image and move the data to the model's device; nothing is written before.
+    def _check_data(self, splits: dict, dynamic_binarization: bool) -> list:
+        """Check every image and label and move the data to the model's device; nothing is written before.
 
+        ``splits`` maps ``"train"``, ``"val"``, ``"test"`` to ``(images, labels)``; returns, in that
+        order, ``(images, labels)`` on the device for each split, ``None`` for a split without images.
         The same tensors, unchanged since (same in-place version), are not checked again by a later fit.
         """
-        key = (_Seen.of(train), _Seen.of(val), _Seen.of(test), dynamic_binarization)
+        (train, _), (val, _), (test, _) = splits.values()
+        key = (*(_Seen.of(t) for pair in splits.values() for t in pair), dynamic_binarization)
         if key != self._checked_data:
             if dynamic_binarization:
                 if not isinstance(train, Tensor) or not train.is_floating_point() or not bool(((train >= 0) & (train <= 1)).all()):
@@ -266,6 +298,7 @@ class Trainer:
             for held_out in (val, test):
                 if held_out is not None:
                     self.model.check_input(held_out)
+            self._check_labels(splits)
             self._checked_data = key
         if self.config.batch_size > len(train):
             raise InputError(
@@ -273,7 +306,25 @@ class Trainer:
             )
         if self.config.early_stopping_patience is not None and val is None:
             raise InputError("early_stopping_patience watches the validation loss: pass val data, or set it to None")
-        return tuple(None if x is None else x.to(self.device) for x in (train, val, test))
+        return [
+            None if images is None else (images.to(self.device), None if labels is None else labels.to(self.device))
+            for images, labels in splits.values()
+        ]
+
+    def _check_labels(self, splits: dict) -> None:
+        """Labels of every split with images for a conditional model, none for another; each checked by the model."""
+        model = self.model
+        for name, (images, labels) in splits.items():
+            if images is None:
+                if labels is not None:
+                    raise InputError(f"{name}_labels were given without {name} images")
+            elif labels is not None:
+                try:
+                    model.check_labels(labels, len(images))
+                except InputError as error:
+                    raise InputError(f"{name}_labels: {error}") from None
+            elif model.conditional:
+                raise InputError(f"a {type(model).__name__} is conditional, it models images given their labels: pass {name}_labels")
 
     def _phases(self) -> list[Phase]:
         """The model's phases that have epochs to run."""
@@ -344,22 +395,23 @@ class Trainer:
         for column, name in enumerate(pos.figure_names):
             row[column] = figures[name]
 
-    def _train_epoch(self, train: Tensor, dynamic_binarization: bool) -> None:
+    def _train_epoch(self, train: Tensor, train_labels: Tensor | None, dynamic_binarization: bool) -> None:
         pos, config, model = self._pos, self.config, self.model
         phase = self._phases()[pos.phase]
         steps = math.ceil(len(train) / config.batch_size)
         self._generator.set_state(pos.epoch_rng)
-        epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization)
+        epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization, labels=train_labels)
         for _ in range(pos.step):  # an interrupted epoch: the same permutation (and binarization), from where it stopped
             next(epoch_batches)
         bar = tqdm(total=steps, initial=pos.step, desc=f"{phase.name} epoch {pos.epoch + 1}/{phase.epochs}", disable=not config.progress, dynamic_ncols=True)
         update = self._updater
         start = last_sync = time.perf_counter()
         try:
-            for x in epoch_batches:
+            for batch in epoch_batches:
+                x, given = _labelled(batch)
                 update.skipped = False
                 progress = Progress(num_data=pos.n_train, phase=phase.name, epochs_done=pos.phase_step / steps)
-                figures = model.training_step(x, update, progress)
+                figures = model.training_step(x, update, progress, **given)
                 if update.skipped:
                     pos.skipped += 1
                 else:
@@ -418,26 +470,28 @@ class Trainer:
         return {name: float(value) for name, value in zip(names, means)}
 
     @torch.no_grad()
-    def _validate(self, val: Tensor) -> float:
-        """Loss per example on ``val`` in eval mode."""
+    def _validate(self, val: Tensor, labels: Tensor | None) -> float:
+        """Loss per example on ``val`` (with its ``labels``, for a conditional model) in eval mode."""
         model = self.model
         model.eval()
         total = 0.0
-        for x in batches(val, self.config.batch_size, shuffle=False):
-            total = total + model.validation_loss(x) * len(x)
+        for batch in batches(val, self.config.batch_size, shuffle=False, labels=labels):
+            x, given = _labelled(batch)
+            total = total + model.validation_loss(x, **given) * len(x)
         model.train()
         return float(total) / len(val)
 
-    def _end_epoch(self, val: Tensor | None, test: Tensor | None) -> None:
-        """Validate, record the epoch, step the schedules, move on (maybe to the next phase), write files."""
+    def _end_epoch(self, val: tuple | None, test: tuple | None) -> None:
+        """Validate on ``val`` and score ``test`` (each ``(images, labels)`` or ``None``), record the epoch,
+        step the schedules, move on (maybe to the next phase), write files."""
         pos, phases = self._pos, self._phases()
         phase = phases[pos.phase]
         start = time.perf_counter()
         figures = self._epoch_figures()
         lr = float(next(iter(self.optimizers.values())).param_groups[0]["lr"])
         evaluate = (pos.epoch + 1) % self.config.eval_every == 0 or pos.epoch + 1 == phase.epochs
-        val_loss = self._validate(val) if val is not None and evaluate else None
-        test_loss = self._validate(test) if test is not None and evaluate else None
+        val_loss = self._validate(*val) if val is not None and evaluate else None
+        test_loss = self._validate(*test) if test is not None and evaluate else None
         for scheduler in self.schedulers.values():
             scheduler.step()
         stopped = False

@@ -1,0 +1,254 @@
+"""The conditional VAE (Kingma et al. 2014; Sohn et al. 2015) as a Pyro program: ``model(x=None, y, ...)``
+and ``guide(x, y, ...)``, a model of images given their labels.
+
+Generative model, for each of the B images of a batch and its label ``y`` (one of K classes)::
+
+    z ~ p(z)                              prior, event shape (L,), the same for every class
+    x ~ p(x | decoder([z, onehot(y)]))    likelihood, event shape (C, H, W); observed when x is given
+
+Guide (amortised variational posterior)::
+
+    z ~ Normal(loc, scale) = encoder([x, onehot(y)])
+
+The label is observed in both, as an argument rather than a sample site: the model has no p(y),
+so its ELBO is a bound on ``log p(x | y)`` and every figure of :mod:`pyrovae.evaluation` for a
+CVAE is conditional on the labels. Without ``x`` the model generates images of the given classes::
+
+    Predictive(cvae.model, num_samples=16)(y=torch.tensor([0, 1, 2]))   # x: (16, 3, C, H, W)
+
+**How the label enters the shared networks** (:mod:`pyrovae.nets`, built with sizes widened by
+K = ``config.num_classes``): the decoder is the one of ``config.network`` with latent size
+``L + K``, fed ``[z, onehot(y)]``. The encoder of an MLP network is the shared MLP encoder with
+``D + K`` inputs (``D = C * H * W``), fed ``[x.flatten(1), onehot(y)]``; that of a conv network is
+the shared conv encoder with ``C + K`` channels, fed ``x`` with K constant planes ``onehot(y)``
+stacked behind its channels. :meth:`CVAE.encoder_input` and :meth:`CVAE.decoder_input` build these
+inputs; a user's ``encoder`` or ``decoder`` takes them.
+
+The prior and the likelihood are swappable as in :class:`~pyrovae.models.vae.VAE` (any pyrovae
+prior or likelihood object, or a user's), and so are the ELBO, ``num_particles``, beta and KL
+warm-up. **Parameters** follow the VAE's rule exactly (see :mod:`pyrovae.models.vae`): each CVAE
+has its own ``name``, by default ``"cvae"``, ``"cvae_1"``, ..., never one a live VAE or CVAE has,
+and declares its parts as ``pyro.module(f"{name}.decoder", ...)`` and so on.
+
+Labels ``y`` are int64 class indices ``(B,)`` in ``[0, K)``; where a batch of one class is meant
+(the model, :meth:`CVAE.sample`), a plain ``int`` stands for that class for every image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from pyro.poutine.util import is_validation_enabled
+from torch import Tensor
+
+from ..errors import InputError
+from ..likelihoods import make_likelihood
+from ..nets import ConvEncoder, MLPEncoder, build_decoder
+from ..priors import check_prior, make_prior
+from .base import AutoencoderMixin, Progress, Update
+from .vae import (
+    VAEConfig,
+    _build_elbo,
+    _check_likelihood,
+    _claim_name,
+    _declare_parts,
+    _elbo_loss,
+    _images_plate,
+    _is_int,
+    _kl_weight_set,
+    _scaled,
+    _warmed_up_kl_weight,
+)
+
+__all__ = ["CVAE", "CVAEConfig"]
+
+
+@dataclass(frozen=True)
+class CVAEConfig(VAEConfig):
+    """The conditional VAE and its training objective: every field of :class:`~pyrovae.models.vae.VAEConfig`
+    (network, prior, likelihood, beta, elbo, num_particles, kl_warmup_epochs), and
+
+    num_classes: K, the number of classes; labels are ``0, ..., K - 1``.
+    """
+
+    num_classes: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not _is_int(self.num_classes) or self.num_classes <= 0:
+            raise InputError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+
+
+def _conditional_encoder(config: CVAEConfig):
+    """The shared encoder of ``config.network`` widened for the one-hot label: ``D + K`` inputs (MLP) or
+    ``C + K`` channels (conv); returns ``(loc, scale)``, each ``(B, L)``."""
+    net, k = config.network, config.num_classes
+    if net.conv:
+        c, h, w = net.input_shape
+        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, gaussian=True, dropout=net.dropout)
+    return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, gaussian=True, dropout=net.dropout)
+
+
+class CVAE(AutoencoderMixin, PyroModule):
+    """A conditional VAE whose ``model`` and ``guide`` are Pyro programs over images ``x: (B, C, H, W)``
+    given their labels ``y: (B,)`` (see the module docs).
+
+    ``prior``, ``likelihood``, ``encoder`` and ``decoder`` default to what ``config`` names; pass
+    your own to replace them. The encoder takes :meth:`encoder_input` and returns ``(loc, scale)``,
+    each ``(B, L)``; the decoder takes :meth:`decoder_input`, ``(..., L + K)``, and returns
+    ``(..., C, H, W)``. ``name`` prefixes the names of its parameters in Pyro's param store.
+    """
+
+    #: training steps and validation losses take the batch's labels ``y`` (see :mod:`pyrovae.models.base`)
+    conditional = True
+
+    def __init__(self, config: CVAEConfig | None = None, *, prior=None, likelihood=None, encoder=None, decoder=None, name: str | None = None):
+        name = _claim_name(self, name, "cvae")
+        super().__init__(name=name)
+        self.name = name
+        self.config = config = config or CVAEConfig()
+        if not isinstance(config, CVAEConfig):
+            raise InputError(f"CVAE needs a CVAEConfig, got {type(config).__name__}")
+        net = config.network
+        self.encoder = encoder if encoder is not None else _conditional_encoder(config)
+        self.decoder = decoder if decoder is not None else build_decoder(dataclasses.replace(net, latent_dim=net.latent_dim + config.num_classes))
+        self.prior = prior if prior is not None else make_prior(config.prior, net.latent_dim)
+        self.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        self.kl_weight = float(config.beta)
+        self.elbo = _build_elbo(config)
+        check_prior(self.prior, net.latent_dim)
+        with torch.no_grad():
+            z, y = torch.zeros(2, self.latent_dim, device=self.device), torch.zeros(2, dtype=torch.int64, device=self.device)
+            _check_likelihood(self.likelihood, self.decoder(self.decoder_input(z, y)), self.input_shape)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def support(self):
+        return getattr(self.likelihood, "support", None)
+
+    # ------------------------------------------------------------------ labels
+
+    def check_labels(self, y: Tensor, n: int) -> None:
+        """Raise :class:`~pyrovae.errors.InputError` unless ``y`` are int64 class indices ``(n,)`` in ``[0, K)``."""
+        if not isinstance(y, Tensor):
+            raise InputError(f"labels must be a tensor of int64 class indices, got {type(y).__name__}")
+        if y.dtype != torch.int64:
+            raise InputError(f"labels must be int64 class indices, got {y.dtype}: convert them with y.long()")
+        if tuple(y.shape) != (n,):
+            raise InputError(f"labels must be one per image, shape ({n},), got {tuple(y.shape)}")
+        if n and (bool(y.min() < 0) or bool(y.max() >= self.num_classes)):
+            raise InputError(
+                f"labels must be class indices in [0, {self.num_classes}) (num_classes={self.num_classes}), "
+                f"got values from {int(y.min())} to {int(y.max())}"
+            )
+
+    def _labels(self, y, n: int, check: bool = True) -> Tensor:
+        """``y`` as labels ``(n,)``: the tensor ``y`` (checked if ``check``), or the class ``y`` (an int) for each image."""
+        if y is None:
+            raise InputError("a CVAE models images given their labels: pass y, the class of each image (or one int class for all)")
+        if _is_int(y):
+            if not 0 <= y < self.num_classes:
+                raise InputError(f"the class must lie in [0, {self.num_classes}), got {y}")
+            return torch.full((n,), y, dtype=torch.int64, device=self.device)
+        if check:
+            self.check_labels(y, n)
+        return y
+
+    def encoder_input(self, x: Tensor, y: Tensor) -> Tensor:
+        """What the encoder sees of ``x: (B, C, H, W)`` and ``y: (B,)``: ``(B, D + K)`` for an MLP network,
+        ``(B, C + K, H, W)`` (K one-hot planes behind the channels) for a conv network."""
+        one_hot = F.one_hot(y.to(x.device), self.num_classes).to(x.dtype)  # (B, K)
+        if self.config.network.conv:
+            return torch.cat([x, one_hot[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+        return torch.cat([x.flatten(1), one_hot], dim=1)
+
+    def decoder_input(self, z: Tensor, y: Tensor) -> Tensor:
+        """What the decoder sees of ``z: (..., B, L)`` and ``y: (B,)``: ``[z, onehot(y)]``, ``(..., B, L + K)``."""
+        one_hot = F.one_hot(y.to(z.device), self.num_classes).to(z.dtype)  # (B, K)
+        return torch.cat([z, one_hot.expand(*z.shape[:-1], self.num_classes)], dim=-1)
+
+    # ------------------------------------------------------------------ the Pyro program
+
+    def model(self, x: Tensor | None = None, y: Tensor | int | None = None, num_data: int | None = None, batch_size: int = 1) -> Tensor:
+        """p(x, z | y) = p(z) p(x | z, y): scores ``x: (B, C, H, W)`` given ``y: (B,)``, or samples images without it.
+
+        Without ``x``: one image per label of ``y: (B,)``, or ``batch_size`` images of the class ``y`` (an int).
+        ``num_data``: the size of the dataset the batch stands for (default: the batch itself).
+        Returns the images, ``(B, C, H, W)`` (``x`` itself when given).
+        """
+        validate = is_validation_enabled()
+        if x is not None:
+            if validate:
+                self.check_input(x)
+            batch_size = x.shape[0]
+        elif isinstance(y, Tensor) and y.dim() == 1:
+            batch_size = len(y)
+        y = self._labels(y, batch_size, check=validate)
+        _declare_parts(self, "decoder", "likelihood", "prior")
+        with _images_plate(batch_size, num_data, x.device if x is not None else self.device):
+            with _scaled(self.kl_weight):
+                z = pyro.sample("z", self.prior())  # (B, L)
+            out = self.decoder(self.decoder_input(z, y))  # (B, C, H, W)
+            return pyro.sample("x", self.likelihood(out), obs=x)
+
+    def guide(self, x: Tensor, y: Tensor | int | None = None, num_data: int | None = None, batch_size: int = 1) -> Tensor:
+        """q(z | x, y) = Normal(loc, scale) from the encoder, for ``x: (B, C, H, W)`` and ``y: (B,)``; returns ``z: (B, L)``."""
+        validate = is_validation_enabled()
+        if validate:
+            self.check_input(x)
+        y = self._labels(y, x.shape[0], check=validate)
+        _declare_parts(self, "encoder")
+        with _images_plate(x.shape[0], num_data, x.device):
+            loc, scale = self.encoder(self.encoder_input(x, y))  # (B, L) each
+            with _scaled(self.kl_weight):
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # ------------------------------------------------------------------ training interface
+
+    def training_step(self, x: Tensor, update: Update, progress: Progress, y: Tensor | None = None) -> dict[str, Tensor | float]:
+        """One step of the configured ELBO on ``x: (B, C, H, W)`` given ``y: (B,)``, the batch standing for
+        ``progress.num_data`` images. Figures: ``loss`` (the negative ELBO of log p(x|y) per image) and ``kl_weight``."""
+        weight = _warmed_up_kl_weight(self.config, progress)
+        with _kl_weight_set(self, weight):
+            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, y=y))
+        return {"loss": loss, "kl_weight": weight}
+
+    def validation_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """The configured objective's loss per image on ``x: (B, C, H, W)`` given ``y: (B,)``, with the full KL weight."""
+        return _elbo_loss(self, x, None, y=y).detach()
+
+    # ------------------------------------------------------------------ using a trained model
+
+    def encode(self, x: Tensor, y: Tensor) -> Tensor:
+        """The posterior mean ``(B, L)`` of ``x: (B, C, H, W)`` given ``y: (B,)``."""
+        y = self._labels(y, len(x))
+        return self.encoder(self.encoder_input(x, y))[0]
+
+    def decode(self, z: Tensor, y: Tensor | int) -> Tensor:
+        """The mean of p(x | z, y), ``(B, C, H, W)``, for ``z: (B, L)`` and ``y: (B,)`` (or one int class for all)."""
+        y = self._labels(y, len(z))
+        return self.likelihood(self.decoder(self.decoder_input(z, y))).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, y: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``: decode the code of ``x`` given ``y: (B,)``, with the same labels."""
+        return self.decode(self.encode(x, y), y)
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | int) -> Tensor:
+        """``n`` images ``(n, C, H, W)`` of the classes ``y: (n,)`` (or all of the class ``y``, an int):
+        means of p(x | z, y) for z drawn from the prior."""
+        if not _is_int(n) or n <= 0:
+            raise InputError(f"n must be a positive integer, got {n!r}")
+        y = self._labels(y, n)
+        return self.decode(self.prior().sample((n,)).to(self.device), y)
