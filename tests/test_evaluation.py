@@ -14,6 +14,8 @@ from torch import nn
 from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, VAEConfig
 from pyrovae.data import ImageData
 from pyrovae.errors import InputError
+from pyrovae.models import MODELS, build_model
+from pyrovae.training import Trainer, TrainingConfig
 from pyrovae.evaluation import (
     MMD_SCALES,
     PCA,
@@ -346,3 +348,18 @@ def test_prior_mmd_puts_autoencoders_on_the_standard_normal():
     generator = torch.Generator().manual_seed(0)
     expected = mmd(codes, torch.randn(500, 3, generator=generator))
     assert prior_mmd(ae, x) == pytest.approx(expected, abs=0.02)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_with_dropout_and_evaluates_deterministically(name, mnist):
+    network = NetworkConfig(input_shape=(1, 28, 28), latent_dim=4, hidden=(32,), dropout=0.2)
+    model = build_model(name, MODELS[name][1](network=network))
+    labels = {"train_labels": mnist.train_labels[:100]} if model.conditional else {}
+    history = Trainer(model, TrainingConfig(epochs=1, batch_size=50, progress=False)).fit(mnist.train[:100], **labels)
+    assert math.isfinite(history[-1]["train_loss"]) and model.training
+    data = ImageData("mnist", mnist.train[:100], mnist.train_labels[:100], mnist.test[:50], mnist.test_labels[:50])
+    torch.manual_seed(0)
+    in_training_mode = evaluate(model, data, num_samples=3)
+    assert model.training  # evaluation left the mode alone
+    torch.manual_seed(0)
+    assert evaluate(model.eval(), data, num_samples=3) == in_training_mode  # dropout was off
