@@ -10,6 +10,18 @@ option the model does not take; a dataset that is not there; a training loss tha
 prints one line ``pyrovae: error: ...`` and exits with status 2; any other exception is a bug and
 keeps its traceback. A training run interrupted by Ctrl-C or SIGTERM keeps its checkpoint and
 exits with status 130.
+
+Several processes (data parallel, :mod:`torch.distributed`): ``train`` and ``eval`` run under
+torchrun, e.g. ``torchrun --nproc_per_node=2 -m pyrovae train --batch-size 256 ...``. With
+``WORLD_SIZE > 1`` in the environment each process joins the process group (NCCL on GPUs, gloo on
+CPUs) and ``--device auto`` takes the process's own GPU, ``cuda:LOCAL_RANK``; ``--batch-size`` is
+the global batch, shared by the processes, so a run trains on the same batches whatever their
+number. Rank 0 alone writes the run folder, the figures and the summary and prints the table; a
+signal to any process stops them all with one checkpoint, and ``--resume`` continues it with any
+number of processes (bit for bit with the same number). On CPUs, give each process its share of
+the cores: torchrun sets ``OMP_NUM_THREADS=1`` unless it is set, so on 8 cores say
+``OMP_NUM_THREADS=4 torchrun --nproc_per_node=2 -m pyrovae train ...``. The other commands run in
+one process.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from .training import (
     Trainer,
     TrainingConfig,
     TrainingError,
+    distributed,
     load_model,
 )
 
@@ -348,19 +361,21 @@ def _format_table(rows: list[dict], columns: list[str]) -> str:
 def cmd_train(args) -> None:
     """Train a new run into ``--out`` (never over one), or continue it with ``--resume``; evaluate and plot it."""
     device = resolve_device(args.device)
+    distributed.init_from_env(device)  # under torchrun: join the other processes (main ends the group)
     folder = Path(args.out)
     if args.resume:
         metadata = _run_metadata(folder)
         data = _load_data(metadata["data"], device)
         trainer = Trainer.resume(folder, device=device)
     else:
-        if (folder / CHECKPOINT_FILE).exists():
+        if distributed.any_rank((folder / CHECKPOINT_FILE).exists()):  # every rank decides before rank 0 writes
             raise InputError(f"{folder} already holds a run: continue it with --resume, or choose another --out")
         training = _training_config(args)
         options = _data_options(args)
         data = _load_data(options, device)
         model_options = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if hasattr(args, field)}
         config = _model_config(args.model, _network_config(args, data.image_shape), model_options)
+        torch.manual_seed(args.seed)  # the initial weights follow --seed too
         model = build_model(args.model, config).to(device)
         metadata = {"data": options, "eval_images": args.eval_images}
         trainer = Trainer(model, training, out_dir=folder, model_name=args.model, metadata=metadata)
@@ -376,7 +391,9 @@ def cmd_train(args) -> None:
         raise KeyboardInterrupt(f"{interrupt}; from the command line: pyrovae train --out {folder} --resume") from None
     seconds = time.perf_counter() - start
     model = trainer.model.eval()
-    results = evaluate(model, data, num_samples=0)
+    results = evaluate(model, data, num_samples=0)  # on every rank: the test ELBO is shared between them
+    if not distributed.is_main():
+        return
     results["training_seconds"] = round(seconds, 2)
     results["figures"] = _figures(model, data, history, folder)
     _write_json(folder / "summary.json", results)
@@ -389,8 +406,11 @@ def cmd_eval(args) -> None:
     device = resolve_device(args.device)
     if args.num_samples < 0:
         raise InputError(f"--num-samples must be non-negative, got {args.num_samples}")
+    distributed.init_from_env(device)  # under torchrun the processes share the test set's ELBO and NLL
     model, data = _load_run(args.run, device)
     results = evaluate(model, data, num_samples=args.num_samples)
+    if not distributed.is_main():
+        return
     results["test_images"] = len(data.test)
     results["protocol"] = data.protocol
     if "nll" in results:
@@ -448,6 +468,7 @@ def cmd_compare(args) -> None:
         if name == "pca":
             model = PCA(network.latent_dim).fit(data.train)
         else:
+            torch.manual_seed(args.seed)  # every model starts from weights drawn with --seed
             model = build_model(name, _model_config(name, network, {})).to(device)
             trainer = Trainer(model, training, out_dir=folder / name, model_name=name, metadata={"data": options, "eval_images": 0})
             trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, **_fit_labels(model, data))
@@ -470,6 +491,8 @@ def cmd_compare(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "interpolate": cmd_interpolate, "compare": cmd_compare}
+#: the commands that run in several processes under torchrun; the others refuse to
+DISTRIBUTED_COMMANDS = ("train", "eval")
 #: the user's bad input, reported in one line; any other exception is a bug and keeps its traceback
 USER_ERRORS = (InputError, DatasetNotFoundError, TrainingError)
 
@@ -477,7 +500,10 @@ USER_ERRORS = (InputError, DatasetNotFoundError, TrainingError)
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    owned = not distributed.is_initialized()  # a process group started by a command (under torchrun) ends here
     try:
+        if args.command not in DISTRIBUTED_COMMANDS and distributed.env_world_size() > 1:
+            raise InputError(f"pyrovae {args.command} runs in one process: start it without torchrun (only {' and '.join(DISTRIBUTED_COMMANDS)} run in several)")
         COMMANDS[args.command](args)
     except USER_ERRORS as error:
         print(f"pyrovae: error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -486,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(interrupt).split()) or "interrupted"
         print(f"pyrovae: {message}", file=sys.stderr)
         return 130
+    finally:
+        if owned:
+            distributed.destroy()
     return 0
 
 

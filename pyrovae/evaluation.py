@@ -15,6 +15,12 @@ A conditional model (the CVAE, ``model.conditional``) models images given their 
 importance-sampled likelihood are then those of ``log p(x|y)``, with q(z|x, y) from
 ``cvae.encoder(cvae.encoder_input(x, y))`` and p(x|z, y) from ``cvae.decoder(cvae.decoder_input(z, y))``;
 reconstructions decode each code with its image's label.
+
+Several processes: when a :mod:`torch.distributed` process group of more than one process is
+initialised, :func:`test_elbo` and :func:`log_likelihood` are collectives: every rank calls them
+with the same images, scores its contiguous shard (:func:`pyrovae.training.distributed.shard_bounds`)
+with its own random draws, and the results are all-reduced, so every rank returns the whole
+set's. One process computes exactly as before.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .likelihoods import check_observations
 from .models import CVAE, VAE
 from .models.base import evaluating
 from .priors import StandardNormal
+from .training import distributed
 
 __all__ = [
     "elbo_per_example",
@@ -140,7 +147,14 @@ def test_elbo(vae: VAE | CVAE, x: Tensor, batch_size: int = 1000, labels: Tensor
     discrete models compare; ``None`` when neither holds (a Bernoulli on
     grey levels is a relaxation, not a likelihood).
     """
-    elbo = elbo_per_example(vae, x, batch_size, labels=labels).mean().item()
+    if distributed.is_distributed():  # each rank its shard; the sum of the ELBOs is all-reduced
+        vae.check_input(x)
+        _check_labels(vae, x, labels)  # every rank refuses bad input alike, before any collective
+        lo, hi = distributed.shard_bounds(len(x))
+        mine = elbo_per_example(vae, x[lo:hi], batch_size, labels=None if labels is None else labels[lo:hi]) if hi > lo else None
+        elbo = distributed.all_sum(0.0 if mine is None else mine.double().sum().item()) / len(x)
+    else:
+        elbo = elbo_per_example(vae, x, batch_size, labels=labels).mean().item()
     offset = discretization_offset(vae, x)
     dims = math.prod(vae.input_shape)
     bits = None if offset is None else (-elbo + dims * offset) / (dims * math.log(2))
@@ -235,7 +249,6 @@ def log_likelihood(
         raise InputError(f"max_memory_bytes must be a positive integer, got {max_memory_bytes!r}")
     vae.check_input(x)
     _check_labels(vae, x, labels)
-    encode, decode = _networks(vae)
     device = vae.device
     chunk_bytes = max_memory_bytes if device.type != "cpu" else min(max_memory_bytes, CPU_CHUNK_BYTES)
     unit_bytes = _bytes_per_unit(vae, x.dtype)
@@ -245,6 +258,20 @@ def log_likelihood(
             f"max_memory_bytes={max_memory_bytes} cannot hold one decoder pass of one image, which needs about "
             f"{unit_bytes} bytes; allow more memory"
         )
+    if not distributed.is_distributed():
+        return _log_likelihood(vae, x, labels, num_samples, batch_size, units)
+    lo, hi = distributed.shard_bounds(len(x))  # each rank its shard, placed in a tensor of zeros that is all-reduced
+    estimates = torch.zeros(len(x), dtype=x.dtype, device=device)
+    if hi > lo:
+        estimates[lo:hi] = _log_likelihood(vae, x[lo:hi], None if labels is None else labels[lo:hi], num_samples, batch_size, units).to(device)
+    return distributed.all_sum(estimates).to(x.device)
+
+
+def _log_likelihood(vae: VAE | CVAE, x: Tensor, labels: Tensor | None, num_samples: int, batch_size: int | None, units: int) -> Tensor:
+    """:func:`log_likelihood` of ``x: (N, C, H, W)`` (checked, ``N > 0``) in this process, ``(N,)``, with chunks
+    of at most ``units`` (sample, image) pairs."""
+    encode, decode = _networks(vae)
+    device = vae.device
     batch = min(batch_size or DEFAULT_NLL_BATCH, len(x), units)
     samples_per_chunk = min(num_samples, units // batch)
     log_k = math.log(num_samples)

@@ -293,3 +293,11 @@ def test_sample_refuses_a_deterministic_model(tmp_path, data_dir, capsys):
     capsys.readouterr()
     assert main(["sample", str(folder), "-o", str(tmp_path / "s.png")]) == 2
     assert "no prior" in capsys.readouterr().err
+
+
+def test_the_seed_fixes_the_initial_weights_too(tmp_path, data_dir):
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        assert main(["train", "--model", "ae", "--out", str(folder), *data_dir, *SMALL, "--epochs", "0", "--seed", "3", "--eval-images", "0"]) == 0
+    first, second = (torch.load(f / "checkpoint.pt", weights_only=True)["model_state"] for f in folders)
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -2,7 +2,9 @@
 
 * :mod:`.config`: :class:`TrainingConfig`, the optimizers and schedules it names;
 * :mod:`.trainer`: :class:`Trainer`, epochs of steps that the model defines, interrupts and resume;
-* :mod:`.run_folder`: config.json, metrics, checkpoint.pt, TensorBoard; :func:`load_model`.
+* :mod:`.run_folder`: config.json, metrics, checkpoint.pt, TensorBoard; :func:`load_model`;
+* :mod:`.distributed`: rank and world size from torch.distributed, shards of each global batch,
+  all-reduces, and the process group torchrun's environment describes.
 """
 
 from .config import LR_SCHEDULES, OPTIMIZERS, StagedDecay, TrainingConfig

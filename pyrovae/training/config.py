@@ -38,7 +38,10 @@ class TrainingConfig:
 
     epochs:          epochs of end-to-end training (a model may add phases before, see
                      :meth:`pyrovae.models.base.TrainableModel.training_phases`).
-    batch_size:      images per step.
+    batch_size:      images per step: the global batch. Under torch.distributed the ``W`` processes share
+                     each batch (contiguous shards of ``batch_size // W`` or one more images), so a run
+                     sees the same batches, and its gradients are those of the same batch means,
+                     whatever ``W`` is (see :mod:`pyrovae.training.trainer`).
     lr:              learning rate (a model's parameter group may set its own).
     optimizer:       an :data:`OPTIMIZERS` name, any case (``"adam"``, ``"AdamW"``, ``"sgd"``, ...).
     weight_decay:    the optimizer's weight decay (L2 for Adam, decoupled for AdamW).

@@ -26,6 +26,24 @@ main thread only, and restored afterwards) stops training at the next step bound
 checkpoint of that exact position (with ``out_dir``), and raises :class:`KeyboardInterrupt`.
 Calling ``fit`` again, or ``Trainer.resume(out_dir).fit(...)``, continues to the very same
 parameters, bit for bit on the CPU, as an uninterrupted run.
+
+Data parallel (:mod:`torch.distributed`, e.g. under torchrun; see :mod:`.distributed`): when a
+process group of ``W > 1`` processes is initialised, every rank calls ``fit`` with the same data
+and ``batch_size`` is the global batch. Every rank draws the same permutation (and binarization
+noise) for the whole global batch and trains on its contiguous shard of it, labels sliced alike;
+after each backward the gradients are averaged across ranks, each rank's weighted by its share of
+the batch, so the optimizers step on the gradient of the global batch's mean loss, uneven last
+batches included (every global batch must hold at least ``W`` images). ``Progress.num_data``
+stays the dataset's size. The step's figures, validation and test losses are reduced across
+ranks the same way, so the history is that of whole batches. Only rank 0 writes the run folder;
+a new run copies rank 0's weights to every rank, and seeds torch's global RNG with
+:func:`~.distributed.rank_seed` (``seed`` itself on rank 0), so the draws inside a step (a VAE's z,
+dropout) are independent across shards: unlike the data, they are not those of one process.
+Checkpoints keep every rank's RNG state, and :meth:`Trainer.resume` works on every rank.
+Each step ends with one all-reduce of a few integers on the CPU (any rank's signal, and whether
+any rank wants the figures read now), so a signal on any rank stops every rank at the same step
+boundary, with one checkpoint, and a non-finite loss on any rank raises the same
+:class:`TrainingError` on every rank. One process never communicates.
 """
 
 from __future__ import annotations
@@ -50,6 +68,7 @@ from ..data import batches
 from ..errors import InputError
 from ..models import MODELS, config_to_dict
 from ..models.base import Phase, Progress, TrainableModel
+from . import distributed
 from .config import OPTIMIZERS, StagedDecay, TrainingConfig
 from .run_folder import RunFolder, load_model
 
@@ -90,6 +109,7 @@ class _Position:
     best_epoch: int | None = None
     since_best: int = 0
     done: bool = False
+    reduced: int = 0  # steps of the current epoch whose figures are already reduced across ranks (W > 1)
 
     _SAVED = ("n_train", "dynamic_binarization", "phase", "epoch", "step", "phase_step", "figure_names", "skipped",
               "seconds", "best_val_loss", "best_epoch", "since_best", "done")
@@ -116,12 +136,14 @@ class _Seen:
 class _Updater:
     """The ``update(group, compute_loss)`` a model's step calls (see :class:`pyrovae.models.base.Update`)."""
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], grad_clip: float | None, skip_nonfinite: bool):
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], grad_clip: float | None, skip_nonfinite: bool, parallel: bool = False):
         self.optimizers = optimizers
         self.grad_clip = grad_clip
         self.skip_nonfinite = skip_nonfinite
         self.params = {group: [p for g in opt.param_groups for p in g["params"]] for group, opt in optimizers.items()}
         self.skipped = False  # a non-finite loss skipped an update of the current step
+        self.parallel = parallel  # average the gradients across the ranks of torch.distributed
+        self.share = 1.0  # this rank's images / the step's global batch (set by the Trainer for each step)
 
     def __call__(self, group: str, compute_loss: Callable[[], Tensor]) -> Tensor:
         optimizer = self.optimizers.get(group)
@@ -132,13 +154,34 @@ class _Updater:
         if loss.requires_grad:
             loss.backward()
         loss = loss.detach()
-        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
+        global_loss = self._average(group, loss) if self.parallel else loss
+        if self.skip_nonfinite and not bool(torch.isfinite(global_loss)):
             self.skipped = True
             return loss
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params[group], self.grad_clip)
         optimizer.step()
         return loss
+
+    def _average(self, group: str, loss: Tensor) -> Tensor:
+        """Make every gradient of ``group`` the global batch's, on every rank; return the global batch's loss.
+
+        Each rank's gradients and ``loss`` (of its shard's mean loss) are weighted by its
+        ``share`` and summed over the ranks in one all-reduce per dtype, with a flag per parameter
+        that says whether any rank has its gradient: a parameter no rank's loss reached keeps
+        ``grad=None``, as in one process. Returns this rank's copy of the global loss, a scalar.
+        """
+        params = self.params[group]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        reference = params[0] if params else loss
+        present = torch.tensor([p.grad is not None for p in params], dtype=reference.dtype, device=reference.device)
+        total = loss.reshape(1).clone()
+        distributed.all_reduce_([*grads, present, total], scale=self.share)
+        if any(p.grad is None for p in params):  # only then read the flags (a device sync on a GPU)
+            for p, grad, flag in zip(params, grads, present.tolist()):
+                if p.grad is None and flag > 0:
+                    p.grad = grad
+        return total[0]
 
 
 def _labelled(batch) -> tuple[Tensor, dict]:
@@ -170,6 +213,11 @@ class Trainer:
     Each :meth:`fit` call is one run from the model's current weights, with fresh optimizers and
     reseeded RNG, unless the trainer holds an unfinished run (interrupted in this process, or
     loaded by :meth:`resume`): then ``fit`` continues it. The model stays on its device.
+
+    Under :mod:`torch.distributed` (a process group of ``W > 1`` processes initialised before
+    ``fit``), every rank builds a Trainer with the same model, config and ``out_dir`` and calls
+    ``fit`` with the same data: ``config.batch_size`` is then the global batch, each rank trains on
+    its shard of every batch, and only rank 0 writes ``out_dir`` (see the module docs).
     """
 
     def __init__(self, model, config: TrainingConfig = TrainingConfig(), out_dir=None, model_name: str | None = None, metadata: dict | None = None):
@@ -199,8 +247,11 @@ class Trainer:
         self._pos: _Position | None = None
         self._pending: dict | None = None  # state of an unfinished run for the next fit to continue
         self._generator = torch.Generator()
-        self._signal: int | None = None
+        self._signal: int | None = None  # the signal that stops training (with W > 1: agreed by every rank)
+        self._received: int | None = None  # (W > 1) a signal this rank received, not yet agreed
         self._checked_data = None  # what _check_data last accepted
+        self._ranks = (0, 1)  # (rank, world size) of the current fit, from torch.distributed
+        self._cpu_group = None  # the process group of the per-step flags (W > 1), made by the first fit
 
     # ------------------------------------------------------------------ public
 
@@ -212,6 +263,11 @@ class Trainer:
     def device(self) -> torch.device:
         """Where the model is, and where the data goes."""
         return next(self.model.parameters()).device
+
+    @property
+    def _main(self) -> bool:
+        """Whether this process writes the run folder and shows progress: rank 0 (the only one without a group)."""
+        return self._ranks[0] == 0
 
     def fit(
         self,
@@ -238,9 +294,12 @@ class Trainer:
         training or writing any file), :class:`TrainingError` for a non-finite loss,
         :class:`KeyboardInterrupt` on SIGINT/SIGTERM.
         """
+        self._ranks = (distributed.rank(), distributed.world_size())
         (train, train_labels), val, test = self._check_data(
             {"train": (train, train_labels), "val": (val, val_labels), "test": (test, test_labels)}, dynamic_binarization
         )
+        if self._ranks[1] > 1:
+            self._check_same_data(train, val, test)
         if self._pending is not None:
             self._restore(self._pending, len(train), dynamic_binarization)
             self._pending = None
@@ -248,12 +307,14 @@ class Trainer:
                 return [dict(row) for row in self.history]
         else:
             self._start(len(train), dynamic_binarization)
-        tensorboard = self.folder.tensorboard() if self.folder is not None else nullcontext()
+        tensorboard = self.folder.tensorboard() if self.folder is not None and self._main else nullcontext()
         with self._catch_signals(), tensorboard, pyro.validation_enabled(False):
             self.model.train()
             while not self._pos.done:
                 self._train_epoch(train, train_labels, dynamic_binarization)
                 self._end_epoch(val, test)
+                if self._ranks[1] > 1:
+                    self._agree()  # a signal on any rank during the epoch's end stops every rank
                 if self._signal is not None:
                     self._interrupt()
         return [dict(row) for row in self.history]
@@ -306,10 +367,30 @@ class Trainer:
             )
         if self.config.early_stopping_patience is not None and val is None:
             raise InputError("early_stopping_patience watches the validation loss: pass val data, or set it to None")
+        world, batch_size = self._ranks[1], self.config.batch_size
+        last = len(train) - batch_size * (math.ceil(len(train) / batch_size) - 1)
+        if min(batch_size, last) < world:
+            raise InputError(
+                f"{world} processes share every global batch, so each needs at least {world} images; batch_size={batch_size} "
+                f"leaves {min(batch_size, last)} in a batch of the {len(train)} training images: choose another batch_size"
+            )
         return [
             None if images is None else (images.to(self.device), None if labels is None else labels.to(self.device))
             for images, labels in splits.values()
         ]
+
+    def _check_same_data(self, train: Tensor, val: Tensor | None, test: Tensor | None) -> None:
+        """(W > 1) Raise the same :class:`InputError` on every rank unless all were given splits of the same sizes;
+        make the group of the per-step flags (a collective call, on every rank alike)."""
+        if self._cpu_group is None:
+            self._cpu_group = distributed.cpu_group()
+        sizes = [len(train), -1 if val is None else len(val[0]), -1 if test is None else len(test[0])]
+        highest = distributed.all_max([*sizes, *(-size for size in sizes)], group=self._cpu_group)
+        if highest[:3] != sizes or [-size for size in highest[3:]] != sizes:
+            raise InputError(
+                f"every process must train on the same data; rank {self._ranks[0]} has train, val, test sizes {sizes} "
+                "(-1: none), another differs"
+            )
 
     def _check_labels(self, splits: dict) -> None:
         """Labels of every split with images for a conditional model, none for another; each checked by the model."""
@@ -332,20 +413,23 @@ class Trainer:
 
     def _start(self, n_train: int, dynamic_binarization: bool) -> None:
         """Begin a new run: seed, fresh optimizers, empty history; write config.json and a first checkpoint."""
-        torch.manual_seed(self.config.seed)
+        rank, world = self._ranks
+        torch.manual_seed(distributed.rank_seed(self.config.seed, rank))  # config.seed itself on rank 0
         self._generator.manual_seed(self.config.seed)
+        if world > 1:  # every rank starts from rank 0's weights
+            distributed.broadcast_([*self.model.parameters(), *self.model.buffers()])
         self.history = []
         self._pos = _Position(n_train=n_train, dynamic_binarization=dynamic_binarization, epoch_rng=self._generator.get_state())
         self._pos.done = not self._phases()
         self._new_optimizers()
-        if self.folder is not None:
+        if self.folder is not None and self._main:
             self.folder.write_config({
                 "model_name": self.model_name,
                 "model_config": config_to_dict(self.model.config),
                 "training_config": dataclasses.asdict(self.config),
                 "metadata": self.metadata,
             })
-            self._write_files()
+        self._write_files()
 
     def _new_optimizer(self, params) -> torch.optim.Optimizer:
         config = self.config
@@ -377,7 +461,7 @@ class Trainer:
                 self.schedulers[group] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epochs, gamma=0.5)
             elif config.lr_schedule == "iwae":
                 self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(optimizer, StagedDecay(epochs))
-        self._updater = _Updater(self.optimizers, config.grad_clip, config.skip_nonfinite)
+        self._updater = _Updater(self.optimizers, config.grad_clip, config.skip_nonfinite, parallel=self._ranks[1] > 1)
 
     # ------------------------------------------------------------------ the loop
 
@@ -403,12 +487,17 @@ class Trainer:
         epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization, labels=train_labels)
         for _ in range(pos.step):  # an interrupted epoch: the same permutation (and binarization), from where it stopped
             next(epoch_batches)
-        bar = tqdm(total=steps, initial=pos.step, desc=f"{phase.name} epoch {pos.epoch + 1}/{phase.epochs}", disable=not config.progress, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=pos.step, desc=f"{phase.name} epoch {pos.epoch + 1}/{phase.epochs}", disable=not config.progress or not self._main, dynamic_ncols=True)
         update = self._updater
+        rank, world = self._ranks
         start = last_sync = time.perf_counter()
         try:
             for batch in epoch_batches:
                 x, given = _labelled(batch)
+                if world > 1:  # this rank's contiguous shard of the global batch, labels alike
+                    lo, hi = distributed.shard_bounds(len(x), rank, world)
+                    update.share = (hi - lo) / len(x)
+                    x, given = x[lo:hi], {name: value[lo:hi] for name, value in given.items()}
                 update.skipped = False
                 progress = Progress(num_data=pos.n_train, phase=phase.name, epochs_done=pos.phase_step / steps)
                 figures = model.training_step(x, update, progress, **given)
@@ -419,6 +508,14 @@ class Trainer:
                 pos.step += 1
                 pos.phase_step += 1
                 bar.update()
+                if world > 1:  # every rank learns, at the same step, whether to stop and whether to read the figures
+                    read = self._agree(time.perf_counter() - last_sync >= SYNC_SECONDS)
+                    if self._signal is not None:
+                        break
+                    if read:
+                        self._sync(bar)
+                        last_sync = time.perf_counter()
+                    continue
                 if self._signal is not None:
                     break
                 if time.perf_counter() - last_sync >= SYNC_SECONDS:
@@ -432,10 +529,16 @@ class Trainer:
             bar.close()
 
     def _sync(self, bar) -> None:
-        """Read the figures on the device: raise at the first non-finite one; show the running loss."""
+        """Read the figures on the device: raise at the first non-finite one; show the running loss.
+
+        With ``W > 1`` ranks (which all call this at the same step) the new rows are first reduced
+        to the whole batches' figures, so every rank reads, and raises, alike.
+        """
         pos = self._pos
         if pos.figures is None:
             return
+        if self._ranks[1] > 1 and pos.reduced < pos.step:
+            self._reduce_figures()
         if not self.config.skip_nonfinite:  # there every update was read already
             finite = torch.isfinite(pos.figures[pos.checked : pos.step]).all(1)
             if not bool(finite.all()):
@@ -451,6 +554,31 @@ class Trainer:
             pos.checked = pos.step
         if not bar.disable and pos.step:
             bar.set_postfix(loss=f"{float(pos.figures[: pos.step, 0].nanmean()):.3f}", refresh=False)
+
+    def _reduce_figures(self) -> None:
+        """(W > 1) Turn rows ``pos.reduced:pos.step`` of the figures, this rank's shard means, into the global
+        batches' means: each weighted by the rank's share of its batch and summed over ranks."""
+        pos, batch_size = self._pos, self.config.batch_size
+        rank, world = self._ranks
+        steps = len(pos.figures)
+        shares = []
+        for step in range(pos.reduced, pos.step):
+            size = batch_size if step < steps - 1 else pos.n_train - batch_size * (steps - 1)
+            lo, hi = distributed.shard_bounds(size, rank, world)
+            shares.append((hi - lo) / size)
+        rows = pos.figures[pos.reduced : pos.step]
+        rows.mul_(torch.tensor(shares, dtype=rows.dtype, device=rows.device)[:, None])
+        distributed.all_reduce_([rows])
+        pos.reduced = pos.step
+
+    def _agree(self, read: bool = False) -> bool:
+        """(W > 1) One all-reduce of two integers on the CPU: every rank takes the signal any rank received
+        (the highest number) as the one that stops training, and learns whether any rank asks to ``read``
+        the figures now; returns that. Every stop is decided here, never by a rank's handler alone."""
+        signum, read = distributed.all_max([self._received or 0, int(read)], group=self._cpu_group)
+        if signum:
+            self._signal = signum
+        return bool(read)
 
     def _epoch_figures(self) -> dict[str, float | None]:
         """Each figure's mean per example over the epoch's steps that ran (``None`` if all were skipped)."""
@@ -471,14 +599,22 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self, val: Tensor, labels: Tensor | None) -> float:
-        """Loss per example on ``val`` (with its ``labels``, for a conditional model) in eval mode."""
+        """Loss per example on ``val`` (with its ``labels``, for a conditional model) in eval mode.
+
+        With ``W > 1`` ranks each scores its contiguous shard of ``val`` and the sums are all-reduced.
+        """
         model = self.model
         model.eval()
         total = 0.0
-        for batch in batches(val, self.config.batch_size, shuffle=False, labels=labels):
-            x, given = _labelled(batch)
-            total = total + model.validation_loss(x, **given) * len(x)
+        rank, world = self._ranks
+        lo, hi = distributed.shard_bounds(len(val), rank, world)  # all of val for one process
+        if world == 1 or hi > lo:
+            for batch in batches(val[lo:hi], self.config.batch_size, shuffle=False, labels=None if labels is None else labels[lo:hi]):
+                x, given = _labelled(batch)
+                total = total + model.validation_loss(x, **given) * len(x)
         model.train()
+        if world > 1:
+            return distributed.all_sum(float(total), group=self._cpu_group) / len(val)
         return float(total) / len(val)
 
     def _end_epoch(self, val: tuple | None, test: tuple | None) -> None:
@@ -516,7 +652,7 @@ class Trainer:
         })
         self.history.append(row)
         pos.epoch += 1
-        pos.step = pos.checked = pos.skipped = 0
+        pos.step = pos.checked = pos.skipped = pos.reduced = 0
         pos.figures, pos.seconds = None, 0.0
         pos.epoch_rng = self._generator.get_state()
         if stopped or (pos.epoch == phase.epochs and pos.phase + 1 == len(phases)):
@@ -530,10 +666,10 @@ class Trainer:
     def _interrupt(self) -> None:
         """Keep the exact position (and save it with ``out_dir``), then raise :class:`KeyboardInterrupt`."""
         pos = self._pos
-        self._pending = self._state()
+        self._pending = self._state(self._rank_rng_states())
         saved = ""
         if self.folder is not None:
-            if pos.step:  # at an epoch boundary the checkpoint was just written
+            if pos.step and self._main:  # at an epoch boundary the checkpoint was just written
                 self.folder.save_checkpoint(self._pending)
             saved = f"; the position is saved in {self.folder.checkpoint}"
         if pos.done:
@@ -548,12 +684,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ state, files, signals
 
-    def _state(self) -> dict:
-        """Everything a run needs to continue exactly: weights, optimizers, schedules, position, RNG, history."""
+    def _state(self, rank_rng: list | None = None) -> dict:
+        """Everything a run needs to continue exactly: weights, optimizers, schedules, position, RNG, history.
+
+        ``rank_rng``: with ``W > 1`` ranks, every rank's RNG states (:meth:`_rank_rng_states`), kept as
+        ``rng["ranks"]`` beside this rank's own.
+        """
         pos = self._pos
         rng = {"torch": torch.get_rng_state(), "batches": pos.epoch_rng.clone()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if rank_rng is not None:
+            rng["ranks"] = rank_rng
         return {
             "model_name": self.model_name,
             "model_config": config_to_dict(self.model.config),
@@ -586,26 +728,57 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer_states"][group])
         for group, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["scheduler_states"][group])
+        self._pos.reduced = self._pos.step  # a saved epoch's figures are the global ones
+        rank, world = self._ranks
+        ranks = state["rng"].get("ranks")
+        if world > 1 and ranks is not None and len(ranks) == world:  # the same ranks: each continues its own draws
+            mine = ranks[rank]
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+            return
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if rank > 0:  # another number of processes than the run's: fresh draws, seeded by rank and position
+            torch.manual_seed(distributed.rank_seed(self.config.seed, rank, salt=1 + self._pos.phase_step))
+
+    def _rank_rng_states(self) -> list | None:
+        """(W > 1) Every rank's RNG states, ``[{"torch": ..., "cuda": ...}, ...]`` in rank order (a collective
+        call); ``None`` for one process."""
+        if self._ranks[1] == 1:
+            return None
+        mine = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        return distributed.all_gather_objects(mine, group=self._cpu_group)
 
     def _write_files(self) -> None:
-        """The history files and the checkpoint, when there is a run folder."""
-        if self.folder is not None:
+        """The history files and the checkpoint, when there is a run folder (rank 0 writes, every rank calls this)."""
+        rank_rng = self._rank_rng_states()
+        if self.folder is not None and self._main:
             self.folder.write_history(self.history)
-            self.folder.save_checkpoint(self._state())
+            self.folder.save_checkpoint(self._state(rank_rng))
 
     @contextmanager
     def _catch_signals(self):
-        """Turn SIGINT and SIGTERM into a request to stop at the next step boundary (main thread only)."""
-        self._signal = None
+        """Turn SIGINT and SIGTERM into a request to stop at the next step boundary (main thread only).
+
+        With ``W > 1`` ranks the handler only records the signal (``_received``): the stop
+        (``_signal``) is decided by :meth:`_agree`, at the same step on every rank. A handler
+        setting ``_signal`` itself could run on one rank right after an all-reduce that saw no
+        signal, and that rank alone would stop, leaving the others waiting.
+        """
+        self._signal = self._received = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request_stop(signum, frame):
-            self._signal = signum
+            if self._ranks[1] > 1:
+                self._received = signum
+            else:
+                self._signal = signum
 
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
