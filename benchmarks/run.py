@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                  # everything, full sizes (about 15 min on 2 CPU threads)
     python benchmarks/run.py --quick          # everything, small sizes (under 5 min)
-    python benchmarks/run.py --only svi,ae    # some of: svi ae nll scaling profile memory gpu
+    python benchmarks/run.py --only svi,ae    # some of: svi ae nll scaling profile memory distributed gpu
     python benchmarks/run.py --device cuda    # benchmarks 1-4 on the GPU
 
 Prints each benchmark's figures as it finishes, then one line per target:
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import DEFAULT_DATA_DIR, Settings, machine_info  # noqa: E402
 
-BENCHMARKS = ("svi", "ae", "nll", "scaling", "profile", "memory", "gpu")
+BENCHMARKS = ("svi", "ae", "nll", "scaling", "profile", "memory", "distributed", "gpu")
 GB = 1e9
 
 
@@ -59,6 +59,10 @@ def run_benchmark(name: str, settings: Settings) -> dict:
         from benchmarks.bench_memory import bench_memory
 
         return bench_memory(settings)
+    if name == "distributed":
+        from benchmarks.bench_distributed import bench_distributed
+
+        return bench_distributed(settings)
     if name == "gpu":
         return run_gpu(settings)
     raise ValueError(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
@@ -138,6 +142,10 @@ def describe(name: str, r: dict) -> str:
         from benchmarks.bench_profile import format_profile
 
         return format_profile(r)
+    if name == "distributed":
+        from benchmarks.bench_distributed import format_distributed
+
+        return format_distributed(r)
     if name == "memory":
         text = f"memory: `{r['command']}`: peak RSS {_gb(r['peak_rss_bytes'])} in {r['seconds']:.1f} s (importing torch, torchvision, pyro, pyrovae alone: {_gb(r['imports_peak_rss_bytes'])})"
         return text + (f"\n  ERROR (exit {r['returncode']}): {r['error']}" if "error" in r else "")
@@ -146,10 +154,13 @@ def describe(name: str, r: dict) -> str:
 
 def _get(results: dict, *keys):
     value = results
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
+    for key in keys:  # dict keys, or list indices
+        if isinstance(value, list) and isinstance(key, int) and key < len(value):
+            value = value[key]
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
             return None
-        value = value[key]
     return value
 
 
@@ -168,6 +179,7 @@ TARGETS = (
 INFO = (
     ("svi: pyrovae / plain PyTorch (TraceMeanField_ELBO)", ("svi", "meanfield", "ratio_reference"), "x"),
     ("svi: pyrovae / plain PyTorch (IWAE, k=5)", ("svi", "iwae", "ratio_reference"), "x"),
+    ("distributed: 2 processes / 1 process, images/s", ("distributed", "rows", 1, "ratio_to_one_process"), "x"),
     ("gpu: pyrovae images/s (Trace_ELBO)", ("gpu", "trace", "pyrovae", "images_per_s"), "/s"),
     ("gpu: pyrovae / plain PyTorch (Trace_ELBO)", ("gpu", "trace", "ratio_reference"), "x"),
 )

@@ -166,3 +166,16 @@ def test_target_lines_say_met_missed_or_not_run():
     assert lines[0].endswith("met") and lines[1].endswith("missed")
     assert sum(line.endswith("not run") for line in lines) == 4
     assert lines[-1].endswith("met")
+
+
+def test_distributed_runs_one_and_two_processes(settings):
+    from benchmarks.bench_distributed import bench_distributed, format_distributed
+
+    result = bench_distributed(settings, processes=(1, 2), total_threads=2, epochs=2, subset=300)
+    rows = {row["processes"]: row for row in result["rows"]}
+    assert set(rows) == {1, 2} and not any("error" in row for row in rows.values()), result
+    assert [rows[1]["threads_per_process"], rows[2]["threads_per_process"]] == [2, 1]
+    for row in rows.values():
+        assert row["images_per_s"] == pytest.approx(300 / row["median_s"], rel=1e-6)
+    assert rows[2]["ratio_to_one_process"] == pytest.approx(rows[2]["images_per_s"] / rows[1]["images_per_s"], rel=1e-6)
+    assert "2 process(es) x 1 thread(s)" in format_distributed(result)
