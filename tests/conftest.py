@@ -11,6 +11,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from pyro import poutine
 
 from pyrovae.data import load_dataset
 from pyrovae.nets import NetworkConfig
@@ -25,6 +26,17 @@ def pytest_configure(config):
     """One CPU thread: the tests use tiny tensors, for which several threads on a busy machine
     spend more time waiting for each other than computing (50x slower, measured on 2 shared cores)."""
     torch.set_num_threads(1)
+
+
+def capturing(guide, draws: list):
+    """``guide``, also appending the ``z`` it samples on each call to ``draws``."""
+
+    def wrapped(*args, **kwargs):
+        with poutine.trace() as tracer:
+            guide(*args, **kwargs)
+        draws.append(tracer.trace.nodes["z"]["value"])
+
+    return wrapped
 
 
 def tiny_network(**changes) -> NetworkConfig:

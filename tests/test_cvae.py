@@ -11,12 +11,11 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
 from torch import nn
 from torch.distributions import Normal
 
-from conftest import tiny_network
+from conftest import capturing, tiny_network
 from pyrovae import plots
 from pyrovae.checkpoints import load_checkpoint
 from pyrovae.errors import InputError
@@ -39,17 +38,6 @@ def config(**changes) -> TrainingConfig:
 
 def one_hot(y):
     return F.one_hot(y, K).float()
-
-
-def capturing(guide, draws: list):
-    """``guide``, also appending the ``z`` it draws on each call to ``draws``."""
-
-    def wrapped(*args, **kwargs):
-        with poutine.trace() as tracer:
-            guide(*args, **kwargs)
-        draws.append(tracer.trace.nodes["z"]["value"])
-
-    return wrapped
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
-from pyro import poutine
 from pyro.infer import (
     SVI, JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO,
 )
 from torch import nn
 from torch.distributions import Normal, constraints, kl_divergence
 
-from conftest import cuda, tiny_network
+from conftest import capturing, cuda, tiny_network
 from pyrovae.data import batches
 from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, NormalLikelihood
@@ -28,17 +27,6 @@ L = 8
 
 def make_vae(**changes) -> VAE:
     return VAE(VAEConfig(network=tiny_network(), **changes))
-
-
-def capturing(guide, draws: list):
-    """``guide``, also appending the ``z`` it samples on each call to ``draws``."""
-
-    def wrapped(*args, **kwargs):
-        with poutine.trace() as tracer:
-            guide(*args, **kwargs)
-        draws.append(tracer.trace.nodes["z"]["value"])
-
-    return wrapped
 
 
 def log_weights(vae: VAE, x, z):

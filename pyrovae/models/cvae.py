@@ -49,13 +49,10 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor
 
 from ..errors import InputError
-from ..likelihoods import make_likelihood
 from ..nets import ConvEncoder, MLPEncoder, build_decoder
-from ..priors import check_prior, make_prior
 from .base import AutoencoderMixin, Progress, Update
 from .vae import (
     VAEConfig,
-    _build_elbo,
     _check_likelihood,
     _claim_name,
     _declare_parts,
@@ -64,6 +61,7 @@ from .vae import (
     _is_int,
     _kl_weight_set,
     _scaled,
+    _set_prior_likelihood_objective,
     _warmed_up_kl_weight,
 )
 
@@ -119,11 +117,7 @@ class CVAE(AutoencoderMixin, PyroModule):
         net = config.network
         self.encoder = encoder if encoder is not None else _conditional_encoder(config)
         self.decoder = decoder if decoder is not None else build_decoder(dataclasses.replace(net, latent_dim=net.latent_dim + config.num_classes))
-        self.prior = prior if prior is not None else make_prior(config.prior, net.latent_dim)
-        self.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
-        self.kl_weight = float(config.beta)
-        self.elbo = _build_elbo(config)
-        check_prior(self.prior, net.latent_dim)
+        _set_prior_likelihood_objective(self, config, prior, likelihood)
         with torch.no_grad():
             z, y = torch.zeros(2, self.latent_dim, device=self.device), torch.zeros(2, dtype=torch.int64, device=self.device)
             _check_likelihood(self.likelihood, self.decoder(self.decoder_input(z, y)), self.input_shape)

@@ -193,6 +193,17 @@ def _images_plate(batch_size: int, num_data: int | None, device):
     return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), device=device)
 
 
+def _set_prior_likelihood_objective(model, config: VAEConfig, prior, likelihood) -> None:
+    """Give ``model`` (a VAE or CVAE) its ``prior`` and ``likelihood`` (those ``config`` names when ``None``),
+    its KL weight and its ELBO; raise :class:`InputError` unless the prior's event shape is the code's."""
+    latent_dim = config.network.latent_dim
+    model.prior = prior if prior is not None else make_prior(config.prior, latent_dim)
+    model.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+    model.kl_weight = float(config.beta)
+    model.elbo = _build_elbo(config)
+    check_prior(model.prior, latent_dim)
+
+
 def _check_likelihood(likelihood, out: Tensor, input_shape: tuple[int, ...]) -> None:
     """Raise :class:`InputError` unless ``likelihood(out)``, for the decoder output ``out: (2, C, H, W)`` of two
     codes, is a distribution with batch shape ``(2,)`` and event shape ``input_shape``."""
@@ -261,11 +272,7 @@ class VAE(AutoencoderMixin, PyroModule):
         net = config.network
         self.encoder = encoder if encoder is not None else build_encoder(net, gaussian=True)
         self.decoder = decoder if decoder is not None else build_decoder(net)
-        self.prior = prior if prior is not None else make_prior(config.prior, net.latent_dim)
-        self.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
-        self.kl_weight = float(config.beta)
-        self.elbo = _build_elbo(config)
-        check_prior(self.prior, net.latent_dim)
+        _set_prior_likelihood_objective(self, config, prior, likelihood)
         with torch.no_grad():
             _check_likelihood(self.likelihood, self.decoder(torch.zeros(2, self.latent_dim, device=self.device)), self.input_shape)
 
