@@ -42,7 +42,7 @@ from .devices import resolve_device
 from .errors import InputError
 from .evaluation import PCA, evaluate
 from .likelihoods import LIKELIHOODS
-from .models import MODELS, build_model
+from .models import AAE, MODELS, build_model
 from .models.vae import ELBOS
 from .nets import ACTIVATIONS, NetworkConfig
 from .priors import PRIORS
@@ -323,9 +323,10 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     if not model.conditional:  # a conditional model's codes decode given a label: no line between images of two classes
         plots.interpolations(model, x, path=folder / "interpolations.png")
         written.append("interpolations.png")
-    prior = getattr(model, "prior", None)  # the VAE's, the AAE's: the codes drawn over prior samples
+    # the AAE's codes over its prior's samples (projected on the prior's axes); the others' codes on their own
+    # principal axes, which show their structure (an isotropic prior's axes are arbitrary)
     with torch.no_grad():
-        prior_samples = prior().sample((2000,)) if callable(prior) else None
+        prior_samples = model.prior().sample((2000,)) if isinstance(model, AAE) else None
     plots.latent_scatter(model, x[:2000], data.test_labels[:2000], path=folder / "latent.png", prior_samples=prior_samples)
     written.append("latent.png")
     if model.conditional:
