@@ -25,15 +25,19 @@ from .models import (
     SparseAEConfig,
     StackedAE,
     StackedAEConfig,
+    TwoLayerVAE,
+    TwoLayerVAEConfig,
     VAEConfig,
     build_model,
 )
 from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, NetworkConfig
+from .posteriors import DiagonalGaussian, FlowPosterior, iaf_posterior, make_posterior, planar_posterior
 from .priors import (
     GaussianMixturePrior,
     LaplacePrior,
     StandardNormal,
     StudentTPrior,
+    VampPrior,
     make_prior,
 )
 from .training import Trainer, TrainingConfig, load_model
@@ -44,8 +48,9 @@ __all__ = [
     "ImageData", "load_dataset", "resolve_device", "InputError",
     "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
     "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
-    "SparseAEConfig", "StackedAE", "StackedAEConfig", "VAEConfig", "build_model",
+    "SparseAEConfig", "StackedAE", "StackedAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "VAEConfig", "build_model",
     "ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "NetworkConfig",
-    "GaussianMixturePrior", "LaplacePrior", "StandardNormal", "StudentTPrior", "make_prior",
+    "DiagonalGaussian", "FlowPosterior", "iaf_posterior", "planar_posterior", "make_posterior",
+    "GaussianMixturePrior", "LaplacePrior", "StandardNormal", "StudentTPrior", "VampPrior", "make_prior",
     "Trainer", "TrainingConfig", "load_model",
 ]

@@ -45,6 +45,7 @@ from .likelihoods import LIKELIHOODS
 from .models import AAE, MODELS, build_model
 from .models.vae import ELBOS
 from .nets import ACTIVATIONS, NetworkConfig
+from .posteriors import POSTERIORS
 from .priors import PRIORS
 from .training import (
     CHECKPOINT_FILE,
@@ -68,6 +69,11 @@ MODEL_OPTIONS = {
     "--elbo": "elbo",
     "--num-particles": "num_particles",
     "--kl-warmup": "kl_warmup_epochs",
+    "--posterior": "posterior",
+    "--flow-layers": "flow_layers",
+    "--num-pseudo-inputs": "num_pseudo_inputs",
+    "--top-latent-dim": "top_latent_dim",
+    "--top-hidden": "top_hidden",
 }
 #: what `pyrovae compare` can train: the models, and PCA as a linear baseline
 COMPARABLE = (*sorted(MODELS), "pca")
@@ -134,7 +140,7 @@ def _data_parent() -> argparse.ArgumentParser:
 def _network_parent() -> argparse.ArgumentParser:
     parent, group = _new_parent("network")
     group.add_argument("--hidden", type=_int_list, default=(400,), help="MLP hidden widths from the image side, e.g. 512,256 (default: 400)")
-    group.add_argument("--latent-dim", type=int, default=50, help="size of the code z (default: %(default)s)")
+    group.add_argument("--latent-dim", type=int, default=None, help=f"size of the code z (default: {_latent_defaults()})")
     group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP")
     group.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=0.0, help="probability of dropping each hidden unit in training; off for evaluation, sampling and figures (default: %(default)s)")
@@ -168,12 +174,30 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
     group.add_argument("--num-particles", type=int, default=argparse.SUPPRESS, help=_model_help("samples of z per image in the objective (k of the IWAE bound)", "num_particles"))
     group.add_argument("--kl-warmup", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
+    group.add_argument("--posterior", choices=sorted(POSTERIORS), default=argparse.SUPPRESS, help=_model_help("q(z|x): diagonal Gaussian, or that Gaussian through inverse autoregressive or planar flows", "posterior"))
+    group.add_argument("--flow-layers", type=int, default=argparse.SUPPRESS, help=_model_help("steps of a flow posterior", "flow_layers"))
+    group.add_argument("--num-pseudo-inputs", type=int, default=argparse.SUPPRESS, help=_model_help("pseudo-inputs K of the VampPrior (--prior vamp)", "num_pseudo_inputs"))
+    group.add_argument("--top-latent-dim", type=int, default=argparse.SUPPRESS, help=_model_help("size of z2, the top latent layer", "top_latent_dim"))
+    group.add_argument("--top-hidden", type=_int_list, default=argparse.SUPPRESS, help=_model_help("hidden widths between z1 and z2", "top_hidden"))
 
 
 def _model_help(text: str, field: str) -> str:
     """``text``, the models whose config has ``field``, and its default there."""
     defaults = {name: _fields(config_class)[field].default for name, (_, config_class) in MODELS.items() if field in _fields(config_class)}
     return f"{text} ({', '.join(defaults)}; default: {next(iter(defaults.values()))})"
+
+
+def _default_latent_dim(name: str | None) -> int:
+    """The code size of model ``name``'s default network (``NetworkConfig``'s for none)."""
+    network = _fields(MODELS[name][1])["network"] if name in MODELS else None
+    return (network.default_factory() if network is not None else NetworkConfig()).latent_dim
+
+
+def _latent_defaults() -> str:
+    """'50; cvae 2, vae2 100 (z1)': the default code sizes of the models."""
+    usual = NetworkConfig().latent_dim
+    others = [f"{name} {_default_latent_dim(name)}" for name in sorted(MODELS) if _default_latent_dim(name) != usual]
+    return "; ".join([str(usual), ", ".join(others)] if others else [str(usual)])
 
 
 def _fields(config_class) -> dict[str, dataclasses.Field]:
@@ -239,8 +263,11 @@ def _load_data(options: dict, device):
     return load_dataset(device=device, **options)
 
 
-def _network_config(args, image_shape) -> NetworkConfig:
-    return NetworkConfig(input_shape=image_shape, latent_dim=args.latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout)
+def _network_config(args, image_shape, model: str | None = None) -> NetworkConfig:
+    """The network of the options; without ``--latent-dim``, the code size of ``model``'s default config
+    (``NetworkConfig``'s for none: `compare` gives every model the same network)."""
+    latent_dim = args.latent_dim if args.latent_dim is not None else _default_latent_dim(model)
+    return NetworkConfig(input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout)
 
 
 def _model_config(name: str, network: NetworkConfig, options: dict):
@@ -375,7 +402,7 @@ def cmd_train(args) -> None:
         options = _data_options(args)
         data = _load_data(options, device)
         model_options = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if hasattr(args, field)}
-        config = _model_config(args.model, _network_config(args, data.image_shape), model_options)
+        config = _model_config(args.model, _network_config(args, data.image_shape, args.model), model_options)
         torch.manual_seed(args.seed)  # the initial weights follow --seed too
         model = build_model(args.model, config).to(device)
         metadata = {"data": options, "eval_images": args.eval_images}

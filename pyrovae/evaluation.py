@@ -5,16 +5,16 @@ Shapes: images ``x`` are ``(N, C, H, W)``, codes ``(N, L)``; ``D = C * H * W``. 
 are in nats per image. Every function runs the model in eval mode (dropout off: the same
 images and seed give the same figures) and leaves it in the mode it found it in.
 
-The VAE's quantities use its own parts, so any prior and likelihood work: ``vae.encoder(x)``
-gives the ``(loc, scale)`` of the Gaussian q(z|x), ``vae.prior()`` the distribution p(z)
-(event ``(L,)``) and ``vae.likelihood(vae.decoder(z))`` the distribution p(x|z) (batch
-``(B,)``, event ``(C, H, W)``); only their ``log_prob`` is called.
+The Pyro models' densities (the ELBO, the importance-sampled log-likelihood) are read off
+Pyro traces of the model's own ``guide`` and ``model`` (:func:`log_weights`): every sample site
+counts, with the distribution the program built. So any prior, likelihood and posterior work (a
+flow posterior is scored by its own density, never by its base Gaussian), and so does a model
+with several latent layers (the two-layer VAE's z1 and z2).
 
 A conditional model (the CVAE, ``model.conditional``) models images given their labels: pass
 ``labels: (N,)``, one per image, and its figures are conditional on them. The ELBO and the
-importance-sampled likelihood are then those of ``log p(x|y)``, with q(z|x, y) from
-``cvae.encoder(cvae.encoder_input(x, y))`` and p(x|z, y) from ``cvae.decoder(cvae.decoder_input(z, y))``;
-reconstructions decode each code with its image's label.
+importance-sampled likelihood are then those of ``log p(x|y)`` (its ``guide`` and ``model`` are
+given ``y``); reconstructions decode each code with its image's label.
 
 Several processes: when a :mod:`torch.distributed` process group of more than one process is
 initialised, :func:`test_elbo` and :func:`log_likelihood` are collectives: every rank calls them
@@ -31,18 +31,19 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro import poutine
 from torch import Tensor, nn
-from torch.distributions import constraints, kl_divergence
+from torch.distributions import constraints
 
 from .data import ImageData
 from .errors import InputError
 from .likelihoods import check_observations
-from .models import CVAE, VAE
 from .models.base import evaluating
 from .priors import StandardNormal
 from .training import distributed
 
 __all__ = [
+    "log_weights",
     "elbo_per_example",
     "test_elbo",
     "discretization_offset",
@@ -98,44 +99,64 @@ def _placeholder_labels(model, n: int) -> Tensor | None:
 # --------------------------------------------------------------------------- ELBO
 
 
-def elbo_per_example(vae: VAE | CVAE, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
+def _is_pyro_model(model) -> bool:
+    """Whether ``model`` is a Pyro program with a ``model`` and a ``guide`` (the VAEs), whose densities are defined."""
+    return callable(getattr(model, "guide", None)) and callable(getattr(model, "model", None))
+
+
+def _log_density(trace, observed: bool) -> Tensor:
+    """The sum of ``log_prob`` over the sample sites of ``trace`` (observed ones too if ``observed``), unscaled
+    and unmasked (no KL weight, no minibatch scale): ``(K, B)`` under the plates of :func:`log_weights`."""
+    total = 0.0
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and (observed or not site["is_observed"]) and not site["infer"].get("is_auxiliary"):
+            total = total + site["fn"].log_prob(site["value"])
+    return total
+
+
+def log_weights(model, x: Tensor, num_samples: int = 1, labels: Tensor | None = None) -> Tensor:
+    """Importance log-weights ``log p(x, z_k) - log q(z_k | x)`` of ``num_samples = K`` draws ``z_k ~ q(z | x)``
+    for each image of ``x: (B, C, H, W)``: ``(K, B)`` nats (given ``labels: (B,)`` for a conditional model).
+
+    Read off Pyro traces: ``model.guide`` runs under a plate of ``K`` particles (dim -2; the
+    model's plate over images is dim -1), ``model.model`` is replayed on its draws, and every
+    sample site's ``log_prob`` is summed, the observed images in the model included. ``z`` is
+    whatever the program samples: one site or several (the two-layer VAE's z1 and z2). The mean over
+    ``K = 1`` is the ELBO's estimator; a log-mean-exp over ``K`` is the IWAE bound. The KL weight
+    and the minibatch scale of the program are ignored (these are densities, not losses). Draws
+    from torch's global generator; gradients flow unless the caller turns them off.
+    """
+    kwargs = {} if labels is None else {"y": labels}
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_trace = poutine.trace(model.guide).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x, **kwargs)
+    return _log_density(model_trace, observed=True) - _log_density(guide_trace, observed=False)
+
+
+def elbo_per_example(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
     """The ELBO of each image, ``(N,)`` nats, with beta = 1 whatever ``vae.kl_weight`` is.
 
     For a conditional model, ``labels: (N,)`` are the images' labels and the ELBO bounds ``log p(x|y)``.
 
-    ``ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))``. The expected log-likelihood uses one
-    sample ``z ~ q(z|x)`` per image. The KL is exact when torch knows it in closed form for the
-    pair (the default Normal prior); otherwise (Laplace, Student-t, mixture, a user's prior) it
-    is the one-sample estimate ``log q(z|x) - log p(z)`` at the same ``z``, which is exactly the
-    estimator of Pyro's ``Trace_ELBO``. Both are unbiased, so the mean over a test set is the
-    test ELBO; the closed-form KL only has less variance.
-
+    ``ELBO(x) = E_q[log p(x, z) - log q(z|x)]``, estimated with one draw ``z ~ q(z|x)`` per image
+    (:func:`log_weights` with ``K = 1``), the estimator of Pyro's ``Trace_ELBO``: unbiased, for
+    any prior, posterior and number of latent layers; the mean over a test set is the test ELBO.
     Draws from torch's global random number generator.
     """
     _check_batch_size(batch_size)
     vae.check_input(x)
     _check_labels(vae, x, labels)
-    encode, decode = _networks(vae)
     device = vae.device
     parts = []
     with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
-        prior = vae.prior()
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
             yb = None if labels is None else labels[start : start + batch_size].to(device)
-            loc, scale = encode(xb, yb)  # (B, L) each
-            q = dist.Normal(loc, scale).to_event(1)
-            z = q.sample()  # (B, L)
-            log_lik = vae.likelihood(decode(z, yb)).log_prob(xb)  # (B,)
-            try:
-                kl = kl_divergence(q, prior)  # (B,)
-            except NotImplementedError:
-                kl = q.log_prob(z) - prior.log_prob(z)
-            parts.append(log_lik - kl)
+            parts.append(log_weights(vae, xb, 1, yb)[0])  # (B,)
     return torch.cat(parts).to(x.device)
 
 
-def test_elbo(vae: VAE | CVAE, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> dict:
+def test_elbo(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> dict:
     """The mean ELBO over ``x: (N, C, H, W)`` (nats per image) and, where it means something, the
     negative ELBO in bits per dimension; for a conditional model, of ``log p(x|y)`` given ``labels: (N,)``.
 
@@ -164,7 +185,7 @@ def test_elbo(vae: VAE | CVAE, x: Tensor, batch_size: int = 1000, labels: Tensor
 test_elbo.__test__ = False  # pytest would collect it from ``from pyrovae.evaluation import test_elbo``
 
 
-def discretization_offset(vae: VAE | CVAE, x: Tensor) -> float | None:
+def discretization_offset(vae, x: Tensor) -> float | None:
     """Nats per dimension to add to ``-log p(x)`` for a log-probability of discrete data, or ``None``.
 
     Decided by the support of the likelihood's distribution (``vae.likelihood(...).support``)
@@ -184,36 +205,46 @@ def discretization_offset(vae: VAE | CVAE, x: Tensor) -> float | None:
 # --------------------------------------------------------------------------- log-likelihood
 
 
-def _bytes_per_unit(vae: VAE | CVAE, dtype: torch.dtype) -> int:
-    """Bytes that one (sample, image) pair of a chunk needs: decoder activations, likelihood, z.
+def _bytes_per_unit(vae, dtype: torch.dtype) -> int:
+    """Bytes that one (sample, image) pair of a chunk needs in :func:`log_likelihood`.
 
-    The decoder's activations are counted with forward hooks on its submodules during one pass
-    of a single code (the sum over all of them: an upper bound, as most are freed early). The
-    likelihood side holds the decoder output, the repeated image and the ``log_prob``
-    temporaries: six image-sized buffers cover the built-in likelihoods.
+    Measured, not guessed: forward hooks on every submodule add up the outputs of one pass of
+    :func:`log_weights` for one image with 1 and with 2 samples; the difference is what one more
+    sample costs (decoder activations and the like; what is computed once per batch, the encoder
+    on the images or a VampPrior's on its pseudo-inputs, cancels). Six image-sized buffers
+    cover the likelihood's ``log_prob`` temporaries, and a mixture prior's ``log_prob`` holds
+    each component's density of each sample, ``components * L`` values.
     """
-    latent_dim, pixels = vae.latent_dim, math.prod(vae.input_shape)
     sizes: list[int] = []
 
     def record(module, inputs, output):
-        if isinstance(output, Tensor):
-            sizes.append(output.numel())
+        for out in output if isinstance(output, tuple) else (output,):
+            if isinstance(out, Tensor):
+                sizes.append(out.numel())
 
-    modules = vae.decoder.modules() if isinstance(vae.decoder, nn.Module) else ()
-    handles = [module.register_forward_hook(record) for module in modules]
+    x = torch.zeros(1, *vae.input_shape, device=vae.device, dtype=dtype)
+    labels = _placeholder_labels(vae, 1)
+    handles = [module.register_forward_hook(record) for module in vae.modules()]
+    counts = []
     try:
-        with torch.no_grad():
-            out = _networks(vae)[1](torch.zeros(1, latent_dim, device=vae.device, dtype=dtype), _placeholder_labels(vae, 1))
+        with torch.no_grad(), pyro.validation_enabled(False):
+            for k in (1, 2):
+                sizes.clear()
+                log_weights(vae, x, k, labels)
+                counts.append(sum(sizes))
     finally:
         for handle in handles:
             handle.remove()
-    activations = max(sum(sizes), out.numel())
+    with torch.no_grad():
+        prior = vae.prior()
+    mixture = prior.component_distribution.batch_shape.numel() if isinstance(prior, dist.MixtureSameFamily) else 1
     element = torch.finfo(dtype).bits // 8
-    return element * (activations + 6 * pixels + 6 * latent_dim)
+    per_sample = max(counts[1] - counts[0], 0) + 6 * math.prod(vae.input_shape) + (6 + mixture) * vae.latent_dim
+    return element * per_sample
 
 
 def log_likelihood(
-    vae: VAE | CVAE,
+    vae,
     x: Tensor,
     num_samples: int = 1000,
     batch_size: int | None = None,
@@ -225,20 +256,22 @@ def log_likelihood(
     For a conditional model, ``labels: (N,)`` are the images' labels and the estimates are of
     ``log p(x|y)``: every term below is given ``y``.
 
-    ``log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K`` with
-    ``z_k ~ q(z|x)``, ``K = num_samples`` (Burda et al., 2016). It is a lower bound in
-    expectation that tightens as ``K`` grows, equals the ELBO's estimator at ``K = 1``, and is
-    exact for every ``K`` when q is the true posterior.
+    ``log p(x) ~= logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K`` with ``z_k ~ q(z|x)``,
+    ``K = num_samples`` (Burda et al., 2016), the weights from :func:`log_weights` (so ``z`` is
+    every latent site of the program, and q a flow's density where the posterior is a flow). It
+    is a lower bound in expectation that tightens as ``K`` grows, equals the ELBO's estimator at
+    ``K = 1``, and is exact for every ``K`` when q is the true posterior.
 
-    Each image is encoded once. For a batch of ``B`` images (``batch_size``, default 100) the
-    samples are processed in chunks: ``z`` of shape ``(K_c, B, L)``, the decoder run on
-    ``(K_c * B, L)`` at once, and a running logsumexp over the chunks. ``K_c`` is chosen from the
-    bytes one (sample, image) pair needs so that a chunk stays under ``max_memory_bytes`` (on the
+    For a batch of ``B`` images (``batch_size``, default 100) the samples are processed in
+    chunks: one trace of guide and model with ``K_c`` particles, so ``z`` is ``(K_c, B, L)`` and
+    the decoder runs on all of them at once, and a running logsumexp over the chunks (the encoder
+    runs once per chunk, on the ``B`` images). ``K_c`` is chosen from the bytes one (sample, image)
+    pair needs (:func:`_bytes_per_unit`) so that a chunk stays under ``max_memory_bytes`` (on the
     CPU also under :data:`CPU_CHUNK_BYTES`, which is faster), whatever ``K`` is; when even one
     sample of the whole batch does not fit, the batch is made smaller.
 
-    The noise comes from torch's global generator, drawn as one ``(B, L)`` tensor per sample, so
-    with the same seed and ``batch_size`` the estimate does not depend on the chunking. Runs under
+    The noise comes from torch's global generator: the same seed and chunking give the same
+    estimate; another chunking draws other noise (the same estimator). Runs under
     ``torch.no_grad()`` and with Pyro's validation off after one check of ``x``.
     """
     if not isinstance(num_samples, int) or num_samples <= 0:
@@ -267,10 +300,9 @@ def log_likelihood(
     return distributed.all_sum(estimates).to(x.device)
 
 
-def _log_likelihood(vae: VAE | CVAE, x: Tensor, labels: Tensor | None, num_samples: int, batch_size: int | None, units: int) -> Tensor:
+def _log_likelihood(vae, x: Tensor, labels: Tensor | None, num_samples: int, batch_size: int | None, units: int) -> Tensor:
     """:func:`log_likelihood` of ``x: (N, C, H, W)`` (checked, ``N > 0``) in this process, ``(N,)``, with chunks
     of at most ``units`` (sample, image) pairs."""
-    encode, decode = _networks(vae)
     device = vae.device
     batch = min(batch_size or DEFAULT_NLL_BATCH, len(x), units)
     samples_per_chunk = min(num_samples, units // batch)
@@ -278,22 +310,12 @@ def _log_likelihood(vae: VAE | CVAE, x: Tensor, labels: Tensor | None, num_sampl
 
     results = []
     with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
-        prior = vae.prior()
         for start in range(0, len(x), batch):
             xb = x[start : start + batch].to(device)  # (B, C, H, W)
-            b = len(xb)
             yb = None if labels is None else labels[start : start + batch].to(device)  # (B,)
-            loc, scale = encode(xb, yb)  # (B, L) each
-            q = dist.Normal(loc, scale).to_event(1)  # batch (B,)
-            repeated = xb.repeat(samples_per_chunk, *([1] * (xb.dim() - 1)))  # (K_c * B, C, H, W), sample-major
-            total = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
+            total = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=device)
             for first in range(0, num_samples, samples_per_chunk):
-                k = min(samples_per_chunk, num_samples - first)
-                eps = torch.stack([torch.randn(b, vae.latent_dim, device=device, dtype=loc.dtype) for _ in range(k)])
-                z = loc + scale * eps  # (K_c, B, L)
-                out = decode(z.reshape(k * b, -1), None if yb is None else yb.repeat(k))  # (K_c * B, C, H, W)
-                log_lik = vae.likelihood(out).log_prob(repeated[: k * b]).reshape(k, b)
-                log_w = log_lik + prior.log_prob(z) - q.log_prob(z)  # (K_c, B)
+                log_w = log_weights(vae, xb, min(samples_per_chunk, num_samples - first), yb)  # (K_c, B)
                 total = torch.logaddexp(total, torch.logsumexp(log_w.double(), dim=0))
             results.append((total - log_k).to(x.dtype))
     return torch.cat(results).to(x.device)
@@ -442,19 +464,26 @@ def aggregate_posterior_samples(model, x: Tensor, batch_size: int = 1000, labels
     """One code per image of ``x: (N, C, H, W)``, ``(N, L)``: a sample of the aggregated posterior ``q(z) = E_x q(z|x)``
     (for a conditional model, ``E_{x,y} q(z|x, y)`` with the images' ``labels: (N,)``).
 
-    A Gaussian encoder (one that returns ``(loc, scale)``: the VAE's, an AAE's with
-    ``gaussian_posterior``) gives a draw ``z ~ q(z|x)`` from torch's global generator; a
-    deterministic one (the autoencoders') gives its code. In eval mode, without gradients.
+    A Pyro model (the VAEs) draws from its own guide: the value of the sample site its prior is
+    on (``model.prior_site``, ``"z"`` by default; the two-layer VAE's top layer ``"z2"``), so a
+    flow posterior's draws are the flow's. A Gaussian encoder (an AAE's with ``gaussian_posterior``)
+    gives a draw ``z ~ Normal(loc, scale)``; a deterministic one (the autoencoders') gives its code.
+    Draws from torch's global generator; in eval mode, without gradients.
     """
     _check_batch_size(batch_size)
     model.check_input(x)
     _check_labels(model, x, labels)
     encode = _networks(model)[0]
+    site = getattr(model, "prior_site", "z")
     parts = []
-    with torch.no_grad(), evaluating(model):
+    with torch.no_grad(), pyro.validation_enabled(False), evaluating(model):
         for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(model.device)
             yb = None if labels is None else labels[start : start + batch_size].to(model.device)
-            out = encode(x[start : start + batch_size].to(model.device), yb)
+            if _is_pyro_model(model):
+                parts.append(poutine.trace(model.guide).get_trace(xb, **({} if yb is None else {"y": yb})).nodes[site]["value"])
+                continue
+            out = encode(xb, yb)
             parts.append(out[0] + out[1] * torch.randn_like(out[0]) if isinstance(out, tuple) else out)
     return torch.cat(parts).flatten(1)
 
@@ -575,7 +604,7 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     conditional = getattr(model, "conditional", False)
     labels = data.test_labels if conditional else None
     with evaluating(model):
-        if isinstance(model, (VAE, CVAE)):
+        if _is_pyro_model(model):
             results.update(test_elbo(model, data.test, labels=labels))
             if num_samples > 0:
                 results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples, labels=labels).double().mean().item()

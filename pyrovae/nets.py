@@ -4,7 +4,8 @@ Images are batches of shape ``(B, C, H, W)``; latent codes are ``(B, L)``.
 
 * An encoder maps ``x: (B, C, H, W)`` to a code ``(B, L)``, or, built with
   ``gaussian=True`` (the VAE guide), to the ``loc`` and ``scale`` of a diagonal
-  Gaussian, each ``(B, L)``.
+  Gaussian, each ``(B, L)``; with ``context_dim=C`` as well, to ``(loc, scale, h)`` with a
+  context vector ``h: (B, C)`` for a flow posterior (see :mod:`pyrovae.posteriors`).
 * A decoder maps ``z: (B, L)`` to one unconstrained value per pixel,
   ``(B, C, H, W)``: logits for a Bernoulli, the mean for a Normal, ... The
   likelihood (see :mod:`pyrovae.likelihoods`) decides what it means. Extra leading
@@ -30,6 +31,7 @@ __all__ = [
     "MLPDecoder",
     "ConvEncoder",
     "ConvDecoder",
+    "GaussianMLP",
     "build_encoder",
     "build_decoder",
     "ACTIVATIONS",
@@ -93,33 +95,45 @@ def _run_layers(layers: nn.ModuleList, activation: nn.Module, dropout: nn.Module
     return last(h)
 
 
-def _split_gaussian(h: Tensor) -> tuple[Tensor, Tensor]:
-    """``(B, 2L)`` -> loc ``(B, L)``, scale ``(B, L)`` with scale > 0."""
-    loc, raw = h.chunk(2, dim=-1)
-    return loc, F.softplus(raw) + MIN_SCALE
+def _split_gaussian(h: Tensor, latent_dim: int) -> tuple[Tensor, ...]:
+    """``(B, 2L + C)`` -> loc ``(B, L)``, scale ``(B, L)`` with scale > 0, and the context ``(B, C)`` if ``C > 0``."""
+    loc, raw, context = h.split([latent_dim, latent_dim, h.shape[-1] - 2 * latent_dim], dim=-1)
+    scale = F.softplus(raw) + MIN_SCALE
+    return (loc, scale, context) if context.shape[-1] else (loc, scale)
+
+
+def _head_size(latent_dim: int, gaussian: bool, context_dim: int) -> int:
+    if context_dim and not gaussian:
+        raise InputError("a context vector (context_dim > 0) comes with a Gaussian encoder (gaussian=True)")
+    if not isinstance(context_dim, int) or context_dim < 0:
+        raise InputError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+    return 2 * latent_dim + context_dim if gaussian else latent_dim
 
 
 class MLPEncoder(nn.Module):
-    """Fully connected encoder ``(B, C, H, W) -> (B, L)`` or ``((B, L), (B, L))``.
+    """Fully connected encoder ``(B, C, H, W) -> (B, L)``, or ``(loc, scale)`` (``gaussian``), or
+    ``(loc, scale, h)`` (``gaussian`` and ``context_dim > 0``).
 
     ``layers`` holds the :class:`~torch.nn.Linear` layers in order (the stacked
     autoencoder pretrains them one at a time); the activation follows every layer but the last.
     """
 
-    def __init__(self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False, dropout: float = 0.0, context_dim: int = 0
+    ):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
         widths = [math.prod(self.input_shape), *hidden]
-        out = 2 * latent_dim if gaussian else latent_dim
+        out = _head_size(latent_dim, gaussian, context_dim)
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:] + [out])])
         self.activation = ACTIVATIONS[activation]()
         self.dropout = _dropout(dropout)
 
     def forward(self, x: Tensor):
         h = _run_layers(self.layers, self.activation, self.dropout, x.flatten(1))
-        return _split_gaussian(h) if self.gaussian else h
+        return _split_gaussian(h, self.latent_dim) if self.gaussian else h
 
 
 class MLPDecoder(nn.Module):
@@ -141,12 +155,31 @@ class MLPDecoder(nn.Module):
         return _run_layers(self.layers, self.activation, self.dropout, z).unflatten(-1, self.output_shape)
 
 
+class GaussianMLP(nn.Module):
+    """The network of a stochastic layer between two codes: ``(..., D_in) -> (loc, scale)``, each ``(..., D_out)``,
+    through fully connected ``hidden`` layers (the two-layer VAE's p(z1|z2) and q(z2|z1)). Leading dimensions pass through."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden=(100, 100), activation: str = "tanh", dropout: float = 0.0):
+        super().__init__()
+        self.out_dim = out_dim
+        widths = [in_dim, *hidden, 2 * out_dim]
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout = _dropout(dropout)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return _split_gaussian(_run_layers(self.layers, self.activation, self.dropout, h), self.out_dim)
+
+
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions and a linear head: ``(B, C, 28|32, 28|32) -> (B, L)`` (or loc, scale).
+    """Two stride-2 convolutions and a linear head: ``(B, C, 28|32, 28|32) -> (B, L)`` (or loc, scale[, h]
+    as :class:`MLPEncoder`).
 
     ``dropout`` follows each convolution's activation."""
 
-    def __init__(self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = 32, dropout: float = 0.0):
+    def __init__(
+        self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = 32, dropout: float = 0.0, context_dim: int = 0
+    ):
         super().__init__()
         c, h, w = input_shape
         self.input_shape = tuple(input_shape)
@@ -159,11 +192,11 @@ class ConvEncoder(nn.Module):
             nn.Flatten(),
         )
         flat = 2 * channels * (h // 4) * (w // 4)
-        self.head = nn.Linear(flat, 2 * latent_dim if gaussian else latent_dim)
+        self.head = nn.Linear(flat, _head_size(latent_dim, gaussian, context_dim))
 
     def forward(self, x: Tensor):
         h = self.head(self.features(x))
-        return _split_gaussian(h) if self.gaussian else h
+        return _split_gaussian(h, self.latent_dim) if self.gaussian else h
 
 
 class ConvDecoder(nn.Module):
@@ -187,11 +220,14 @@ class ConvDecoder(nn.Module):
         return out.reshape(*z.shape[:-1], *self.output_shape)
 
 
-def build_encoder(config: NetworkConfig, gaussian: bool = False) -> nn.Module:
-    """The encoder that ``config`` describes; ``gaussian=True`` for a VAE guide."""
+def build_encoder(config: NetworkConfig, gaussian: bool = False, context_dim: int = 0) -> nn.Module:
+    """The encoder that ``config`` describes; ``gaussian=True`` for a VAE guide, with ``context_dim``
+    further outputs, the context ``h``, for a flow posterior."""
     if config.conv:
-        return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian, dropout=config.dropout)
-    return MLPEncoder(config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian, dropout=config.dropout)
+        return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim)
+    return MLPEncoder(
+        config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim
+    )
 
 
 def build_decoder(config: NetworkConfig) -> nn.Module:

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["StandardNormal", "LaplacePrior", "StudentTPrior", "GaussianMixturePrior", "PRIORS", "make_prior", "check_prior"]
+__all__ = ["StandardNormal", "LaplacePrior", "StudentTPrior", "GaussianMixturePrior", "VampPrior", "PRIORS", "make_prior", "check_prior"]
 
 
 class StandardNormal(nn.Module):
@@ -94,19 +94,60 @@ class GaussianMixturePrior(nn.Module):
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
-PRIORS: dict[str, Callable[[int], nn.Module]] = {
+class VampPrior(nn.Module):
+    """The VampPrior (Tomczak and Welling 2018): p(z) = (1/K) sum_k q(z | u_k), the mixture of the
+    encoder's own Gaussian posteriors at ``K`` learned pseudo-inputs ``u_k``.
+
+    ``encoder`` is the VAE's (a Gaussian one: images ``(K, C, H, W)`` -> ``(loc, scale)``, each
+    ``(K, L)``), shared, not copied: it is held by reference and is not a submodule of the prior,
+    so its parameters stay the VAE's (declared once, by the guide) and learn from both the prior
+    term and the guide. The pseudo-inputs are this module's parameter: ``u = hardtanh(raw, 0, 1)``
+    with ``raw: (K, C, H, W)`` drawn from N(0.05, 0.01) at the start, as in the paper, so they stay images
+    in [0, 1]. ``prior()`` is a ``MixtureSameFamily`` (uniform weights, ``K`` diagonal
+    Gaussians): ``log_prob`` is the mixture's, and ``sample`` draws a component, then a z.
+    """
+
+    def __init__(self, latent_dim: int, *, encoder: nn.Module, input_shape: tuple[int, ...], num_pseudo_inputs: int = 500, seed: int = 0):
+        super().__init__()
+        if not isinstance(num_pseudo_inputs, int) or isinstance(num_pseudo_inputs, bool) or num_pseudo_inputs <= 0:
+            raise InputError(f"num_pseudo_inputs must be a positive integer, got {num_pseudo_inputs!r}")
+        generator = torch.Generator().manual_seed(seed)
+        self.latent_dim = latent_dim
+        self.raw_pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(num_pseudo_inputs, *input_shape, generator=generator))
+        self._encoder = (encoder,)  # a reference, not a submodule (see the class docs)
+
+    @property
+    def pseudo_inputs(self) -> torch.Tensor:
+        """The pseudo-inputs ``u: (K, C, H, W)`` in [0, 1]."""
+        return F.hardtanh(self.raw_pseudo_inputs, 0.0, 1.0)
+
+    def forward(self) -> dist.Distribution:
+        loc, scale = self._encoder[0](self.pseudo_inputs)[:2]  # (K, L) each
+        components = dist.Normal(loc, scale).to_event(1)
+        weights = dist.Categorical(logits=torch.zeros(len(loc), device=loc.device, dtype=loc.dtype))
+        return dist.MixtureSameFamily(weights, components)
+
+
+PRIORS: dict[str, Callable[..., nn.Module]] = {
     "normal": StandardNormal,
     "laplace": LaplacePrior,
     "student_t": StudentTPrior,
     "mixture": GaussianMixturePrior,
+    "vamp": VampPrior,
 }
 
 
-def make_prior(name: str, latent_dim: int) -> nn.Module:
-    """The built-in prior called ``name`` (one of :data:`PRIORS`) over ``(latent_dim,)``."""
+def make_prior(name: str, latent_dim: int, **options) -> nn.Module:
+    """The built-in prior called ``name`` (one of :data:`PRIORS`) over ``(latent_dim,)``.
+
+    ``options`` go to its constructor: the VampPrior needs ``encoder`` and ``input_shape`` (and
+    takes ``num_pseudo_inputs``); the VAE passes them.
+    """
     if name not in PRIORS:
         raise InputError(f"unknown prior {name!r}; choose from {sorted(PRIORS)} or pass your own callable")
-    return PRIORS[name](latent_dim)
+    if name == "vamp" and "encoder" not in options:
+        raise InputError("the VampPrior is a mixture of a VAE's own posteriors q(z|u_k): use it with the VAE (prior='vamp')")
+    return PRIORS[name](latent_dim, **options)
 
 
 def check_prior(prior, latent_dim: int) -> None:

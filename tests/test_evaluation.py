@@ -116,17 +116,21 @@ def test_log_likelihood_is_above_the_elbo_on_average(observations):
     assert log_p <= exact_log_p(observations).mean() + 0.05
 
 
-def test_chunking_does_not_change_the_estimate(observations):
+def test_chunking_changes_the_noise_not_the_estimator(observations):
     vae = linear_vae(shift=0.2, widen=1.5)
+    exact = exact_log_p(observations)
     estimates, calls = [], []
     for budget in (2**10, 2**14, 2**30):
         torch.manual_seed(3)
         vae.decoder.calls = 0
-        estimates.append(log_likelihood(vae, observations, num_samples=300, batch_size=4, max_memory_bytes=budget))
-        calls.append(vae.decoder.calls - 1)  # one call measures the decoder's memory
+        estimates.append(log_likelihood(vae, observations, num_samples=2000, batch_size=4, max_memory_bytes=budget))
+        calls.append(vae.decoder.calls - 2)  # two calls measure the memory one sample needs
     assert calls[0] > calls[1] > calls[2] == len(observations) // 4  # the budgets really chunk differently
-    assert torch.allclose(estimates[0], estimates[1], atol=1e-5, rtol=0)
-    assert torch.allclose(estimates[0], estimates[2], atol=1e-5, rtol=0)
+    for estimate in estimates:
+        assert (estimate - exact).abs().max() < 0.05  # Monte Carlo error about 0.01 nats
+    torch.manual_seed(3)
+    again = log_likelihood(vae, observations, num_samples=2000, batch_size=4, max_memory_bytes=2**14)
+    assert torch.equal(again, estimates[1])  # the same seed and chunking: the same draws
 
 
 def test_log_likelihood_rejects_bad_arguments(observations):

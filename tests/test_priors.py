@@ -7,14 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from pyrovae.priors import PRIORS, GaussianMixturePrior, LaplacePrior, StandardNormal, StudentTPrior, check_prior, make_prior
+from pyrovae.errors import InputError
+from pyrovae.nets import MLPEncoder
+from pyrovae.priors import PRIORS, GaussianMixturePrior, LaplacePrior, StandardNormal, StudentTPrior, VampPrior, check_prior, make_prior
 
 L = 6
+IMAGE = (1, 3, 3)
+
+
+def build(name):
+    """The built-in prior ``name`` over ``(L,)``; the VampPrior with a small Gaussian encoder of 3x3 images."""
+    if name != "vamp":
+        return make_prior(name, L)
+    return make_prior(name, L, encoder=MLPEncoder(IMAGE, L, hidden=(8,), gaussian=True), input_shape=IMAGE, num_pseudo_inputs=4)
 
 
 @pytest.mark.parametrize("name", sorted(PRIORS))
 def test_builtin_priors_are_distributions_over_codes(name):
-    prior = make_prior(name, L)
+    prior = build(name)
     check_prior(prior, L)
     d = prior()
     assert d.batch_shape == () and d.event_shape == (L,)
@@ -59,7 +69,9 @@ def test_mixture_log_density_matches_logsumexp_and_has_gradients():
 
 def test_builtin_priors_keep_tensors_as_buffers_that_follow_the_module():
     for name in sorted(PRIORS):
-        prior = make_prior(name, L).double()
+        prior = build(name).double()
+        if name == "vamp":
+            prior._encoder[0].double()  # the VAE's encoder, moved with the VAE, not with its prior
         d = prior()
         assert d.sample().dtype == torch.float64, name
         assert all(t.dtype == torch.float64 for t in prior.state_dict().values()), name
@@ -94,7 +106,7 @@ def test_check_prior_names_the_problem(prior, message):
 
 
 def test_unknown_prior_name():
-    with pytest.raises(ValueError, match=r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t'\]"):
+    with pytest.raises(ValueError, match=r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t', 'vamp'\]"):
         make_prior("cauchy", L)
 
 
@@ -111,3 +123,41 @@ def test_unknown_prior_name():
 def test_bad_prior_parameters(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_vamp_prior_is_the_mixture_of_the_encoders_posteriors_at_its_pseudo_inputs():
+    encoder = MLPEncoder(IMAGE, L, hidden=(8,), gaussian=True)
+    prior = VampPrior(L, encoder=encoder, input_shape=IMAGE, num_pseudo_inputs=5)
+    z = torch.randn(7, L)
+    loc, scale = encoder(prior.pseudo_inputs)  # (5, L) each
+    by_hand = torch.stack([torch.distributions.Normal(loc[k], scale[k]).log_prob(z).sum(1) for k in range(5)])  # (5, 7)
+    torch.testing.assert_close(prior().log_prob(z), torch.logsumexp(by_hand, 0) - math.log(5))
+    # the pseudo-inputs are the prior's only parameter; the encoder stays the VAE's, trained by both terms
+    assert [name for name, _ in prior.named_parameters()] == ["raw_pseudo_inputs"]
+    prior().log_prob(z).sum().backward()
+    assert prior.raw_pseudo_inputs.grad.abs().sum() > 0 and encoder.layers[0].weight.grad.abs().sum() > 0
+    assert ((prior.pseudo_inputs >= 0) & (prior.pseudo_inputs <= 1)).all()
+
+
+def test_vamp_prior_samples_a_component_then_a_code():
+    encoder = MLPEncoder(IMAGE, 2, hidden=(8,), gaussian=True)
+    prior = VampPrior(2, encoder=encoder, input_shape=IMAGE, num_pseudo_inputs=2)
+    with torch.no_grad():  # pseudo-inputs of zeros and of ones, whose posteriors are narrow at (-5, -5) and (5, 5)
+        for layer in encoder.layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        encoder.layers[0].weight[0] = 1.0  # hidden unit 0 = sum of the pixels: 0 or 9
+        encoder.layers[1].weight[:2, 0] = 10 / 9
+        encoder.layers[1].bias.copy_(torch.tensor([-5.0, -5.0, -9.0, -9.0]))  # loc = 10/9 * h0 - 5, scale = softplus(-9)
+        prior.raw_pseudo_inputs.copy_(torch.stack([torch.zeros(IMAGE), torch.ones(IMAGE)]))
+        z = prior().sample((2000,))
+    locs = torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
+    assert torch.cdist(z, locs).min(1).values.max() < 0.01
+    assert 0.45 < (z[:, 0] > 0).double().mean() < 0.55
+
+
+def test_vamp_prior_needs_an_encoder():
+    with pytest.raises(InputError, match="VampPrior"):
+        make_prior("vamp", L)
+    with pytest.raises(InputError, match="num_pseudo_inputs"):
+        VampPrior(L, encoder=MLPEncoder(IMAGE, L, gaussian=True), input_shape=IMAGE, num_pseudo_inputs=0)

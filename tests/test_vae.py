@@ -538,7 +538,7 @@ def test_checks_follow_the_likelihood_and_pyro_validation():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(prior="cauchy"), r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t'\]"),
+        (dict(prior="cauchy"), r"unknown prior 'cauchy'; choose from \['laplace', 'mixture', 'normal', 'student_t', 'vamp'\]"),
         (dict(likelihood="poisson"), "unknown likelihood 'poisson'; choose from"),
         (dict(beta=-1.0), "beta must be a non-negative number"),
         (dict(beta=math.nan), "beta must be a non-negative number"),
@@ -564,8 +564,8 @@ def test_config_round_trips_through_json():
 
 
 def test_model_registry_errors():
-    assert set(MODELS) == {"vae", "cvae", "aae", "ae", "sparse", "stacked", "denoising"}
-    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'sparse', 'stacked', 'vae'\]"):
+    assert set(MODELS) == {"vae", "vae2", "cvae", "aae", "ae", "sparse", "stacked", "denoising"}
+    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'sparse', 'stacked', 'vae', 'vae2'\]"):
         build_model("gan")
     with pytest.raises(ValueError, match="not a VAEConfig"):
         config_from_dict("vae", {"nonsense": 1})

@@ -8,7 +8,7 @@ Generative model, for each of the B images of a batch and its label ``y`` (one o
 
 Guide (amortised variational posterior)::
 
-    z ~ Normal(loc, scale) = encoder([x, onehot(y)])
+    z ~ q(z | encoder([x, onehot(y)]))     Normal(loc, scale) by default, or a flow (config.posterior)
 
 The label is observed in both, as an argument rather than a sample site: the model has no p(y),
 so its ELBO is a bound on ``log p(x | y)`` and every figure of :mod:`pyrovae.evaluation` for a
@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
@@ -49,11 +48,13 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor
 
 from ..errors import InputError
-from ..nets import ConvEncoder, MLPEncoder, build_decoder
+from ..nets import ConvEncoder, MLPEncoder, NetworkConfig, build_decoder
+from ..posteriors import make_posterior, point_estimate
 from .base import AutoencoderMixin, Progress, Update
 from .vae import (
     VAEConfig,
     _check_likelihood,
+    _check_posterior,
     _claim_name,
     _declare_parts,
     _elbo_loss,
@@ -65,7 +66,10 @@ from .vae import (
     _warmed_up_kl_weight,
 )
 
-__all__ = ["CVAE", "CVAEConfig"]
+__all__ = ["CVAE", "CVAEConfig", "CVAE_LATENT_DIM"]
+
+#: the CVAE's default code size (see :class:`CVAEConfig`)
+CVAE_LATENT_DIM = 2
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,16 @@ class CVAEConfig(VAEConfig):
     (network, prior, likelihood, beta, elbo, num_particles, kl_warmup_epochs), and
 
     num_classes: K, the number of classes; labels are ``0, ..., K - 1``.
+
+    The code is small by default, :data:`CVAE_LATENT_DIM` = 2: the label carries the class, so z
+    needs only the style (slant, width, thickness). A large code learns to carry the class as well
+    (the encoder sees the image), and samples of one label then come out as other digits: on MNIST
+    after 10 epochs (batch 256), a classifier recognised the requested digit in 99% of samples with
+    a code of 2, 94% with 4, 88% with 6, 73% with 10 and 59% with 50
+    (``examples/conditional_samples.py``). Set ``network.latent_dim`` for a better likelihood.
     """
 
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(latent_dim=CVAE_LATENT_DIM))
     num_classes: int = 10
 
     def __post_init__(self):
@@ -84,14 +96,15 @@ class CVAEConfig(VAEConfig):
             raise InputError(f"num_classes must be a positive integer, got {self.num_classes!r}")
 
 
-def _conditional_encoder(config: CVAEConfig):
+def _conditional_encoder(config: CVAEConfig, context_dim: int):
     """The shared encoder of ``config.network`` widened for the one-hot label: ``D + K`` inputs (MLP) or
-    ``C + K`` channels (conv); returns ``(loc, scale)``, each ``(B, L)``."""
+    ``C + K`` channels (conv); returns ``(loc, scale)``, each ``(B, L)``, and a context ``(B, context_dim)`` if any."""
     net, k = config.network, config.num_classes
+    options = dict(gaussian=True, dropout=net.dropout, context_dim=context_dim)
     if net.conv:
         c, h, w = net.input_shape
-        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, gaussian=True, dropout=net.dropout)
-    return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, gaussian=True, dropout=net.dropout)
+        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, **options)
+    return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, **options)
 
 
 class CVAE(AutoencoderMixin, PyroModule):
@@ -107,7 +120,9 @@ class CVAE(AutoencoderMixin, PyroModule):
     #: training steps and validation losses take the batch's labels ``y`` (see :mod:`pyrovae.models.base`)
     conditional = True
 
-    def __init__(self, config: CVAEConfig | None = None, *, prior=None, likelihood=None, encoder=None, decoder=None, name: str | None = None):
+    def __init__(
+        self, config: CVAEConfig | None = None, *, prior=None, likelihood=None, posterior=None, encoder=None, decoder=None, name: str | None = None
+    ):
         name = _claim_name(self, name, "cvae")
         super().__init__(name=name)
         self.name = name
@@ -115,11 +130,14 @@ class CVAE(AutoencoderMixin, PyroModule):
         if not isinstance(config, CVAEConfig):
             raise InputError(f"CVAE needs a CVAEConfig, got {type(config).__name__}")
         net = config.network
-        self.encoder = encoder if encoder is not None else _conditional_encoder(config)
+        self.posterior = posterior if posterior is not None else make_posterior(config.posterior, net.latent_dim, config.flow_layers)
+        self.encoder = encoder if encoder is not None else _conditional_encoder(config, getattr(self.posterior, "context_dim", 0))
         self.decoder = decoder if decoder is not None else build_decoder(dataclasses.replace(net, latent_dim=net.latent_dim + config.num_classes))
-        _set_prior_likelihood_objective(self, config, prior, likelihood)
+        _set_prior_likelihood_objective(self, config, prior, likelihood, net.latent_dim)
         with torch.no_grad():
             z, y = torch.zeros(2, self.latent_dim, device=self.device), torch.zeros(2, dtype=torch.int64, device=self.device)
+            x = torch.zeros(2, *self.input_shape, device=self.device)
+            _check_posterior(self.posterior, self.encoder(self.encoder_input(x, y)), self.latent_dim)
             _check_likelihood(self.likelihood, self.decoder(self.decoder_input(z, y)), self.input_shape)
 
     @property
@@ -196,16 +214,16 @@ class CVAE(AutoencoderMixin, PyroModule):
             return pyro.sample("x", self.likelihood(out), obs=x)
 
     def guide(self, x: Tensor, y: Tensor | int | None = None, num_data: int | None = None, batch_size: int = 1) -> Tensor:
-        """q(z | x, y) = Normal(loc, scale) from the encoder, for ``x: (B, C, H, W)`` and ``y: (B,)``; returns ``z: (B, L)``."""
+        """q(z | x, y) = posterior(encoder(x, y)), by default Normal(loc, scale), for ``x: (B, C, H, W)`` and ``y: (B,)``; returns ``z: (B, L)``."""
         validate = is_validation_enabled()
         if validate:
             self.check_input(x)
         y = self._labels(y, x.shape[0], check=validate)
-        _declare_parts(self, "encoder")
+        _declare_parts(self, "encoder", "posterior")
         with _images_plate(x.shape[0], num_data, x.device):
-            loc, scale = self.encoder(self.encoder_input(x, y))  # (B, L) each
+            q = self.posterior(*self.encoder(self.encoder_input(x, y)))  # batch (B,), event (L,)
             with _scaled(self.kl_weight):
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                return pyro.sample("z", q)
 
     # ------------------------------------------------------------------ training interface
 
@@ -224,9 +242,9 @@ class CVAE(AutoencoderMixin, PyroModule):
     # ------------------------------------------------------------------ using a trained model
 
     def encode(self, x: Tensor, y: Tensor) -> Tensor:
-        """The posterior mean ``(B, L)`` of ``x: (B, C, H, W)`` given ``y: (B,)``."""
+        """The code ``(B, L)`` of ``x: (B, C, H, W)`` given ``y: (B,)``: the posterior mean (see :meth:`VAE.encode`)."""
         y = self._labels(y, len(x))
-        return self.encoder(self.encoder_input(x, y))[0]
+        return point_estimate(self.posterior(*self.encoder(self.encoder_input(x, y))))
 
     def decode(self, z: Tensor, y: Tensor | int) -> Tensor:
         """The mean of p(x | z, y), ``(B, C, H, W)``, for ``z: (B, L)`` and ``y: (B,)`` (or one int class for all)."""

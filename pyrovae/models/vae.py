@@ -7,7 +7,9 @@ Generative model, for each of the B images of a batch::
 
 Guide (amortised variational posterior)::
 
-    z ~ Normal(loc(x), scale(x))  diagonal Gaussian from the encoder
+    z ~ q(z | encoder(x))         a diagonal Gaussian Normal(loc(x), scale(x)) by default, or that
+                                  Gaussian pushed through flows conditioned on a context h(x)
+                                  (``posterior="iaf"`` or ``"planar"``, see :mod:`pyrovae.posteriors`)
 
 Train it with any Pyro ELBO (the JIT ones too) and any ``pyro.optim`` optimizer, in your own loop::
 
@@ -55,7 +57,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -66,7 +67,8 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..nets import NetworkConfig, build_decoder, build_encoder
-from ..priors import PRIORS, check_prior, make_prior
+from ..posteriors import POSTERIORS, make_posterior, point_estimate
+from ..priors import PRIORS, VampPrior, check_prior, make_prior
 from .base import AutoencoderMixin, Progress, Update
 
 __all__ = ["VAE", "VAEConfig", "ELBOS"]
@@ -85,6 +87,11 @@ class VAEConfig:
 
     network:          the shared architecture.
     prior:            a built-in prior's name (:data:`pyrovae.priors.PRIORS`); or pass ``prior=`` to :class:`VAE`.
+                      ``"vamp"``, the VampPrior, mixes the model's own Gaussian posteriors at learned pseudo-inputs.
+    num_pseudo_inputs: K, the VampPrior's pseudo-inputs (the paper's 500); used by ``prior="vamp"`` only.
+    posterior:        q(z|x): ``"gaussian"`` (diagonal), or a flow (``"iaf"``, ``"planar"``; see
+                      :mod:`pyrovae.posteriors`); or pass ``posterior=`` to :class:`VAE`.
+    flow_layers:      steps of a flow posterior (ignored by ``"gaussian"``).
     likelihood:       a built-in likelihood's name (:data:`pyrovae.likelihoods.LIKELIHOODS`).
     beta:             the KL weight.
     elbo:             ``"trace"`` (Trace_ELBO), ``"meanfield"`` (TraceMeanField_ELBO, analytic KL where
@@ -103,6 +110,9 @@ class VAEConfig:
     elbo: str = "trace"
     num_particles: int = 1
     kl_warmup_epochs: int = 0
+    posterior: str = "gaussian"
+    flow_layers: int = 2
+    num_pseudo_inputs: int = 500
 
     def __post_init__(self):
         if isinstance(self.network, dict):
@@ -119,6 +129,15 @@ class VAEConfig:
             raise InputError(f"unknown elbo {self.elbo!r}; choose from {ELBOS}")
         if not _is_int(self.num_particles) or self.num_particles <= 0:
             raise InputError(f"num_particles must be a positive integer, got {self.num_particles!r}")
+        if self.posterior not in POSTERIORS:
+            raise InputError(f"unknown posterior {self.posterior!r}; choose from {sorted(POSTERIORS)} (or pass posterior= to VAE)")
+        for name in ("flow_layers", "num_pseudo_inputs"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.prior == "vamp" and self.posterior != "gaussian":
+            raise InputError(
+                f"the VampPrior mixes the encoder's Gaussian posteriors q(z|u_k); it needs posterior='gaussian', got {self.posterior!r}"
+            )
         if not _is_int(self.kl_warmup_epochs) or self.kl_warmup_epochs < 0:
             raise InputError(f"kl_warmup_epochs must be a non-negative integer, got {self.kl_warmup_epochs!r}")
         if self.elbo == "iwae" and (self.beta != 1 or self.kl_warmup_epochs):
@@ -193,15 +212,35 @@ def _images_plate(batch_size: int, num_data: int | None, device):
     return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=device), device=device)
 
 
-def _set_prior_likelihood_objective(model, config: VAEConfig, prior, likelihood) -> None:
-    """Give ``model`` (a VAE or CVAE) its ``prior`` and ``likelihood`` (those ``config`` names when ``None``),
-    its KL weight and its ELBO; raise :class:`InputError` unless the prior's event shape is the code's."""
-    latent_dim = config.network.latent_dim
+def _set_prior_likelihood_objective(model, config: VAEConfig, prior, likelihood, latent_dim: int) -> None:
+    """Give ``model`` (a VAE or CVAE, its encoder built) its ``prior`` over ``(latent_dim,)`` and its ``likelihood``
+    (those ``config`` names when ``None``), its KL weight and its ELBO; raise :class:`InputError` unless the
+    prior's event shape is ``(latent_dim,)``."""
+    if prior is None and config.prior == "vamp":
+        if getattr(model, "conditional", False):
+            raise InputError("the VampPrior needs q(z|u) of pseudo-images u alone; a CVAE's encoder also needs a label: choose another prior")
+        prior = VampPrior(latent_dim, encoder=model.encoder, input_shape=config.network.input_shape, num_pseudo_inputs=config.num_pseudo_inputs)
     model.prior = prior if prior is not None else make_prior(config.prior, latent_dim)
     model.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
     model.kl_weight = float(config.beta)
     model.elbo = _build_elbo(config)
     check_prior(model.prior, latent_dim)
+
+
+def _check_posterior(posterior, encoded: tuple, latent_dim: int) -> None:
+    """Raise :class:`InputError` unless ``posterior(*encoded)``, for the encoder's output on two images, is a
+    distribution with batch shape ``(2,)`` and event shape ``(latent_dim,)``."""
+    if not isinstance(encoded, tuple):
+        raise InputError(f"a VAE's encoder must return (loc, scale[, context]), got {type(encoded).__name__}")
+    try:
+        q = posterior(*encoded)
+    except TypeError as error:
+        raise InputError(
+            f"the posterior does not take the encoder's {len(encoded)} outputs ({error}); a flow posterior needs an encoder "
+            "built with its context_dim (build_encoder(network, gaussian=True, context_dim=posterior.context_dim))"
+        ) from None
+    if not isinstance(q, torch.distributions.Distribution) or tuple(q.batch_shape) != (2,) or tuple(q.event_shape) != (latent_dim,):
+        raise InputError(f"the posterior must give a distribution with batch_shape (B,) and event_shape ({latent_dim},), got {q!r}")
 
 
 def _check_likelihood(likelihood, out: Tensor, input_shape: tuple[int, ...]) -> None:
@@ -256,25 +295,41 @@ def _elbo_loss(model, x: Tensor, num_data: int | None, **condition) -> Tensor:
 class VAE(AutoencoderMixin, PyroModule):
     """A VAE whose ``model`` and ``guide`` are Pyro programs over a batch ``x: (B, C, H, W)``.
 
-    ``prior``, ``likelihood``, ``encoder`` and ``decoder`` default to what ``config`` names;
-    pass your own to replace them (see :mod:`pyrovae.priors` and :mod:`pyrovae.likelihoods`).
-    The encoder must return ``(loc, scale)``, each ``(B, L)``; the decoder ``(..., L) -> (..., C, H, W)``.
+    ``prior``, ``likelihood``, ``posterior``, ``encoder`` and ``decoder`` default to what ``config`` names;
+    pass your own to replace them (see :mod:`pyrovae.priors`, :mod:`pyrovae.likelihoods` and :mod:`pyrovae.posteriors`).
+    The encoder must return ``(loc, scale)``, each ``(B, L)`` (and a context ``(B, C)`` after them for a flow
+    posterior); the decoder ``(..., L) -> (..., C, H, W)``.
     ``name`` prefixes the names of its parameters in Pyro's param store (see the module docs).
     """
 
-    def __init__(self, config: VAEConfig | None = None, *, prior=None, likelihood=None, encoder=None, decoder=None, name: str | None = None):
-        name = _claim_name(self, name, "vae")
+    def __init__(
+        self, config: VAEConfig | None = None, *, prior=None, likelihood=None, posterior=None, encoder=None, decoder=None, name: str | None = None
+    ):
+        name = _claim_name(self, name, self._name_prefix)
         super().__init__(name=name)
         self.name = name
         self.config = config = config or VAEConfig()
         if not isinstance(config, VAEConfig):
             raise InputError(f"VAE needs a VAEConfig, got {type(config).__name__}")
         net = config.network
-        self.encoder = encoder if encoder is not None else build_encoder(net, gaussian=True)
+        self.posterior = posterior if posterior is not None else make_posterior(config.posterior, net.latent_dim, config.flow_layers)
+        context_dim = getattr(self.posterior, "context_dim", 0)
+        self.encoder = encoder if encoder is not None else build_encoder(net, gaussian=True, context_dim=context_dim)
         self.decoder = decoder if decoder is not None else build_decoder(net)
-        _set_prior_likelihood_objective(self, config, prior, likelihood)
+        _set_prior_likelihood_objective(self, config, prior, likelihood, self.prior_dim)
         with torch.no_grad():
+            _check_posterior(self.posterior, self.encoder(torch.zeros(2, *self.input_shape, device=self.device)), self.latent_dim)
             _check_likelihood(self.likelihood, self.decoder(torch.zeros(2, self.latent_dim, device=self.device)), self.input_shape)
+
+    #: default names of instances: "vae", "vae_1", ... (see the module docs)
+    _name_prefix = "vae"
+    #: the sample site that ``prior`` is the distribution of
+    prior_site = "z"
+
+    @property
+    def prior_dim(self) -> int:
+        """The size of the latent that the prior is on: the code's, ``L``."""
+        return self.latent_dim
 
     @property
     def support(self):
@@ -303,14 +358,14 @@ class VAE(AutoencoderMixin, PyroModule):
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (B, C, H, W)
 
     def guide(self, x: Tensor, num_data: int | None = None, batch_size: int = 1) -> Tensor:
-        """q(z|x) = Normal(loc(x), scale(x)) for ``x: (B, C, H, W)``; returns ``z: (B, L)``."""
+        """q(z|x) = posterior(encoder(x)) for ``x: (B, C, H, W)``, by default Normal(loc(x), scale(x)); returns ``z: (B, L)``."""
         if is_validation_enabled():
             self.check_input(x)
-        self._declare("encoder")
+        self._declare("encoder", "posterior")
         with _images_plate(x.shape[0], num_data, x.device):
-            loc, scale = self.encoder(x)  # (B, L) each
+            q = self.posterior(*self.encoder(x))  # batch (B,), event (L,)
             with _scaled(self.kl_weight):
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                return pyro.sample("z", q)
 
     # ------------------------------------------------------------------ training interface
 
@@ -331,8 +386,8 @@ class VAE(AutoencoderMixin, PyroModule):
     # ------------------------------------------------------------------ using a trained model
 
     def encode(self, x: Tensor) -> Tensor:
-        """The posterior mean ``(B, L)`` of ``x: (B, C, H, W)``."""
-        return self.encoder(x)[0]
+        """The code ``(B, L)`` of ``x: (B, C, H, W)``: the posterior mean (a flow's: see :func:`~pyrovae.posteriors.point_estimate`)."""
+        return point_estimate(self.posterior(*self.encoder(x)))
 
     def decode(self, z: Tensor) -> Tensor:
         """The mean of p(x|z), ``(B, C, H, W)``, for ``z: (B, L)``."""
