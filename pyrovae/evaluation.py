@@ -32,6 +32,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
@@ -109,7 +110,9 @@ def _log_density(trace, observed: bool) -> Tensor:
     and unmasked (no KL weight, no minibatch scale): ``(K, B)`` under the plates of :func:`log_weights`."""
     total = 0.0
     for site in trace.nodes.values():
-        if site["type"] == "sample" and (observed or not site["is_observed"]) and not site["infer"].get("is_auxiliary"):
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
+            continue  # a plate's subsample, or an auxiliary variable: no density
+        if observed or not site["is_observed"]:
             total = total + site["fn"].log_prob(site["value"])
     return total
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, VAEConfig
+from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, iaf_posterior
 from pyrovae.data import ImageData
 from pyrovae.errors import InputError
 from pyrovae.models import MODELS, build_model
@@ -367,3 +367,113 @@ def test_every_model_trains_with_dropout_and_evaluates_deterministically(name, m
     assert model.training  # evaluation left the mode alone
     torch.manual_seed(0)
     assert evaluate(model.eval(), data, num_samples=3) == in_training_mode  # dropout was off
+
+
+# --------------------------------------------------------------------------- the richer models on toys with known p(x)
+
+
+class ContextEncoder(LinearGaussianEncoder):
+    """The linear-Gaussian encoder, widened, with a context ``h(x)``: the first two pixels minus the bias."""
+
+    def forward(self, x):
+        loc, scale = super().forward(x)
+        return loc, scale, x.flatten(1)[:, :2] - BIAS[:2]
+
+
+def test_the_nll_of_a_flow_posterior_uses_the_flows_density(observations):
+    posterior = iaf_posterior(2, 2, context_dim=2, hidden=(16, 16))
+    with torch.no_grad():  # a flow far from the identity, so that its density and its base's differ
+        for param in posterior.parameters():
+            param.normal_(0, 0.3)
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="normal", posterior="iaf")
+    vae = VAE(config, encoder=ContextEncoder(widen=1.6), decoder=LinearDecoder(), likelihood=NormalLikelihood(scale=NOISE), posterior=posterior).eval()
+    exact = exact_log_p(observations)
+    torch.manual_seed(0)
+    estimate = log_likelihood(vae, observations, num_samples=5000)
+    assert (estimate - exact).abs().mean() < 0.05  # Monte Carlo error about 0.015 nats here
+    # what the same draws would give if the flow's samples were weighed by the base Gaussian's density
+    with torch.no_grad():
+        q = vae.posterior(*vae.encoder(observations))
+        z = q.sample((5000,))  # (K, N, 2)
+        log_joint = vae.likelihood(vae.decoder(z)).log_prob(observations) + vae.prior().log_prob(z)
+        base = q.base_dist.log_prob(_base_of(q, z))
+        wrong = torch.logsumexp(log_joint - base, 0) - math.log(5000)
+    assert (wrong - exact).abs().mean() > 0.3
+
+
+def _base_of(q, z):
+    """The base draws that ``q``'s flow took to ``z`` (its cached inverses)."""
+    for transform in reversed(q.transforms):
+        z = transform.inv(z)
+    return z
+
+
+def test_the_nll_with_a_vamp_prior_is_the_mixtures(observations):
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="normal")
+    encoder = LinearGaussianEncoder(widen=1.5)
+    prior = VampPrior(2, encoder=encoder, input_shape=SHAPE, num_pseudo_inputs=3)
+    with torch.no_grad():
+        prior.raw_pseudo_inputs.copy_(torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(2)))
+    vae = VAE(config, encoder=encoder, decoder=LinearDecoder(), likelihood=NormalLikelihood(scale=NOISE), prior=prior).eval()
+    with torch.no_grad():
+        locs, scales = encoder(prior.pseudo_inputs)  # (3, 2) each: the mixture's components
+    components = torch.stack(
+        [
+            torch.distributions.MultivariateNormal(WEIGHT @ locs[k] + BIAS, WEIGHT @ torch.diag(scales[k] ** 2) @ WEIGHT.T + NOISE**2 * torch.eye(6)).log_prob(
+                observations.flatten(1)
+            )
+            for k in range(3)
+        ]
+    )
+    exact = torch.logsumexp(components, 0) - math.log(3)
+    assert (exact - exact_log_p(observations)).abs().mean() > 0.5  # the VampPrior is not N(0, I)
+    torch.manual_seed(0)
+    assert (log_likelihood(vae, observations, num_samples=5000) - exact).abs().mean() < 0.05
+
+
+class TopDecoder(nn.Module):
+    """z2 (..., 1) -> the loc and scale of p(z1|z2) = N(A z2 + a, diag(s^2)), each (..., 2)."""
+
+    def forward(self, z2):
+        return z2 @ TOP_A.T + TOP_LOC, TOP_SCALE.expand(*z2.shape[:-1], 2)
+
+
+class ExactTopEncoder(nn.Module):
+    """z1 (..., 2) -> the exact p(z2|z1), (..., 1) each: a good proposal for q(z2|z1)."""
+
+    def forward(self, z1):
+        precision = 1 + (TOP_A[:, 0] ** 2 / TOP_SCALE**2).sum()
+        loc = ((z1 - TOP_LOC) * TOP_A[:, 0] / TOP_SCALE**2).sum(-1, keepdim=True) / precision
+        return loc, precision.rsqrt().expand_as(loc)
+
+
+class MarginalEncoder(nn.Module):
+    """x -> the posterior mean of z1 under the marginal p(z1) = N(a, A A^T + S), with the diagonal of its covariance, widened."""
+
+    def forward(self, x):
+        prior_precision = torch.linalg.inv(TOP_A @ TOP_A.T + torch.diag(TOP_SCALE**2))
+        covariance = torch.linalg.inv(prior_precision + WEIGHT.T @ WEIGHT / NOISE**2)
+        loc = (prior_precision @ TOP_LOC + (x.flatten(1) - BIAS) @ WEIGHT / NOISE**2) @ covariance.T
+        return loc, (1.2 * torch.diagonal(covariance).sqrt()).expand_as(loc)
+
+
+TOP_A = torch.tensor([[0.8], [-0.5]])
+TOP_LOC = torch.tensor([0.1, -0.2])
+TOP_SCALE = torch.tensor([0.6, 0.7])
+
+
+def test_the_nll_of_the_two_layer_vae_weighs_the_joint_latent(observations):
+    config = TwoLayerVAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="normal", top_latent_dim=1)
+    vae = TwoLayerVAE(
+        config, encoder=MarginalEncoder(), decoder=LinearDecoder(), likelihood=NormalLikelihood(scale=NOISE),
+        top_encoder=ExactTopEncoder(), top_decoder=TopDecoder(),
+    ).eval()
+    z1_covariance = TOP_A @ TOP_A.T + torch.diag(TOP_SCALE**2)
+    exact = torch.distributions.MultivariateNormal(WEIGHT @ TOP_LOC + BIAS, WEIGHT @ z1_covariance @ WEIGHT.T + NOISE**2 * torch.eye(6)).log_prob(
+        observations.flatten(1)
+    )
+    torch.manual_seed(0)
+    estimate = log_likelihood(vae, observations, num_samples=5000)
+    assert (estimate - exact).abs().mean() < 0.05
+    torch.manual_seed(0)
+    assert elbo_per_example(vae, observations.repeat(200, 1, 1, 1)).reshape(200, -1).mean(0).mean() < exact.mean() - 0.01

@@ -18,6 +18,7 @@ from pyrovae.data import batches
 from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, check_observations, make_likelihood
 from pyrovae.models import MODELS
+from pyrovae.nets import MLPEncoder
 from pyrovae.priors import PRIORS, make_prior
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,9 @@ def test_batches_cover_every_image_once_or_fail_clearly(n, batch_size, seed):
 @SETTINGS
 @given(latent_dim=st.integers(1, 5), name=st.sampled_from(sorted(PRIORS)), n=st.integers(1, 4))
 def test_every_prior_samples_and_scores_its_event_shape(latent_dim, name, n):
-    prior = make_prior(name, latent_dim)()
+    # the VampPrior mixes a VAE's posteriors: it takes that VAE's (Gaussian) encoder
+    options = dict(encoder=MLPEncoder(SHAPE, latent_dim, (8,), gaussian=True), input_shape=SHAPE, num_pseudo_inputs=3) if name == "vamp" else {}
+    prior = make_prior(name, latent_dim, **options)()
     z = prior.sample((n,))
     assert z.shape == (n, latent_dim)
     assert torch.isfinite(prior.log_prob(z)).all()

@@ -18,13 +18,18 @@ from pyrovae.training import StagedDecay, load_model  # noqa: E402
 
 
 def test_rows_follow_the_paper():
-    for row, objective in (("vae", ("trace", 1)), ("iwae5", ("iwae", 5)), ("iwae50", ("iwae", 50))):
+    for row, objective in (("vae", ("trace", 1)), ("iwae5", ("iwae", 5)), ("iwae50", ("iwae", 50)), ("iaf", ("trace", 1)), ("vamp", ("trace", 1))):
         model, training = quality.configs(row, quality.SCHEDULES["paper"])
         assert (model.elbo, model.num_particles) == objective
         assert model.network.hidden == (200, 200) and model.network.latent_dim == 50 and model.network.activation == "tanh"
         assert (training.epochs, training.batch_size, training.lr, training.optimizer_eps) == (3280, 20, 1e-3, 1e-4)
         assert training.lr_schedule == "iwae" and model.kl_warmup_epochs == 0
     assert StagedDecay(3280).stage_ends() == [1, 4, 13, 40, 121, 364, 1093, 3280]
+    two_layer, _ = quality.configs("vae2", quality.SCHEDULES["paper"])
+    assert (two_layer.network.hidden, two_layer.network.latent_dim, two_layer.top_hidden, two_layer.top_latent_dim) == ((200, 200), 100, (100, 100), 50)
+    assert quality.configs("iaf", quality.SCHEDULES["paper"])[0].posterior == "iaf"
+    assert quality.configs("vamp", quality.SCHEDULES["paper"])[0].num_pseudo_inputs == 500
+    assert quality.configs("vamp", quality.SCHEDULES["cpu"])[0].num_pseudo_inputs == 100  # the CPU budget's choice
     vae, _ = quality.configs("vae", quality.SCHEDULES["cpu"])
     iwae, _ = quality.configs("iwae5", quality.SCHEDULES["cpu"])
     assert vae.kl_warmup_epochs == 50 and iwae.kl_warmup_epochs == 0  # no warm-up inside the IWAE bound
@@ -47,11 +52,12 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir):
     assert again["test_nll"] == first["test_nll"] and again["epochs"] == 2
 
 
-@pytest.mark.parametrize("row, schedule", [("iwae50", "smoke"), ("iwae5", "paper")])
-def test_iwae50_and_the_paper_schedule_are_runnable(tmp_path, mnist_dir, row, schedule):
+@pytest.mark.parametrize("row, schedule", [("iwae50", "smoke"), ("iwae5", "paper"), ("vae2", "smoke"), ("iaf", "smoke"), ("vamp", "smoke")])
+def test_every_row_and_the_paper_schedule_are_runnable(tmp_path, mnist_dir, row, schedule):
     args = [row, "--schedule", schedule, "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu",
             "--epochs", "1", "--subset", "100", "--nll-samples", "20"]
     result = quality.main(args)
     assert result["training_config"]["batch_size"] == quality.SCHEDULES[schedule].batch_size
-    assert result["model_config"]["num_particles"] == int(row.removeprefix("iwae"))
-    assert result["epochs"] == 1 and result["test_images"] == 100
+    for option, value in quality.ROWS[row].options.items():
+        assert result["model_config"][option] == value
+    assert result["epochs"] == 1 and result["test_images"] == 100 and 50 < result["test_nll"] < 600

@@ -1,0 +1,109 @@
+"""Posteriors q(z|x): the flows' densities against the change-of-variables formula, and flows inside the VAE."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Predictive, RenyiELBO, Trace_ELBO
+
+from pyrovae import VAE, VAEConfig
+from pyrovae.errors import InputError
+from pyrovae.nets import MLPEncoder, build_encoder
+from pyrovae.posteriors import POSTERIORS, DiagonalGaussian, FlowPosterior, iaf_posterior, make_posterior, planar_posterior, point_estimate
+
+from conftest import tiny_network
+
+L, C, B = 4, 3, 5
+
+
+def randomised(posterior: FlowPosterior) -> FlowPosterior:
+    """``posterior`` with every weight redrawn from N(0, 0.2^2): flows well away from the identity (Pyro starts some near it)."""
+    with torch.no_grad():
+        for param in posterior.parameters():
+            param.normal_(0, 0.2)
+    return posterior
+
+
+def jacobian_log_det(transform, x: torch.Tensor) -> torch.Tensor:
+    """log |det d transform(x)_b / dx_b| of each row b of ``x: (B, L)``, from the full Jacobian (autograd; rows are
+    independent, each with its own context, so the blocks off the diagonal are zero)."""
+    jacobian = torch.autograd.functional.jacobian(transform, x)  # (B, L, B, L)
+    blocks = torch.stack([jacobian[b, :, b, :] for b in range(len(x))])  # (B, L, L)
+    return torch.linalg.slogdet(blocks)[1]
+
+
+@pytest.mark.parametrize("build", [iaf_posterior, planar_posterior], ids=["iaf", "planar"])
+def test_flow_density_is_the_change_of_variables_formula(build):
+    posterior = randomised(build(L, 3, context_dim=C))
+    loc, scale, context = torch.randn(B, L), torch.rand(B, L) + 0.5, torch.randn(B, C)
+    q = posterior(loc, scale, context)
+    assert q.batch_shape == (B,) and q.event_shape == (L,)
+    base = dist.Normal(loc, scale).to_event(1)
+    z0 = base.sample()
+    z, log_det = z0, torch.zeros(B)
+    for transform in q.transforms:  # the flow, step by step, with each step's Jacobian computed by autograd
+        log_det = log_det + jacobian_log_det(transform, z)
+        z = transform(z)
+    expected = base.log_prob(z0) - log_det
+    assert log_det.abs().mean() > 0.2  # the flow really changes the density
+    torch.testing.assert_close(q.log_prob(z), expected, atol=1e-4, rtol=1e-4)
+    if build is iaf_posterior:  # an IAF also inverts a z it did not draw (L sequential passes)
+        torch.testing.assert_close(q.log_prob(z.clone()), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_flow_samples_broadcast_over_particles_and_score_themselves():
+    q = randomised(iaf_posterior(L, 2, context_dim=C))(torch.zeros(B, L), torch.ones(B, L), torch.randn(B, C))
+    z = q.rsample((7,))
+    assert z.shape == (7, B, L)
+    assert q.log_prob(z).shape == (7, B) and torch.isfinite(q.log_prob(z)).all()
+
+
+def test_iaf_steps_alternate_the_order_of_the_coordinates():
+    orders = [flow.nn.permutation.tolist() for flow in iaf_posterior(L, 3).flows]
+    assert orders == [[0, 1, 2, 3], [3, 2, 1, 0], [0, 1, 2, 3]]
+
+
+def test_point_estimate_is_the_mean_or_the_flows_image_of_the_base_mean():
+    loc, scale, context = torch.randn(B, L), torch.ones(B, L), torch.randn(B, C)
+    torch.testing.assert_close(point_estimate(DiagonalGaussian()(loc, scale)), loc)
+    q = randomised(iaf_posterior(L, 2, context_dim=C))(loc, scale, context)
+    expected = loc
+    for transform in q.transforms:
+        expected = transform(expected)
+    torch.testing.assert_close(point_estimate(q), expected)
+    assert not torch.allclose(expected, loc)
+
+
+@pytest.mark.parametrize("name", ["iaf", "planar"])
+def test_vae_with_a_flow_posterior_trains_with_pyro_elbos_and_generates(name):
+    vae = VAE(VAEConfig(network=tiny_network(), posterior=name, flow_layers=2))
+    assert vae.encoder(torch.zeros(2, 1, 28, 28))[2].shape == (2, vae.posterior.context_dim)
+    x = torch.rand(16, 1, 28, 28).bernoulli()
+    optimizer = pyro.optim.Adam({"lr": 1e-3})
+    svi = pyro.infer.SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
+    before = svi.evaluate_loss(x)
+    for _ in range(30):
+        svi.step(x)
+    assert svi.evaluate_loss(x) < before
+    flow_params = [key for key in pyro.get_param_store().keys() if key.startswith(f"{vae.name}.posterior$$$")]
+    assert flow_params and all(pyro.param(key).grad is not None for key in flow_params)  # the flow trains
+    assert RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True, max_plate_nesting=1).loss(vae.model, vae.guide, x) > 0
+    assert Predictive(vae.model, num_samples=2)(batch_size=3)["x"].shape == (2, 3, 1, 28, 28)
+    assert vae.encode(x).shape == (16, 8)
+
+
+def test_posterior_config_and_construction_errors():
+    assert sorted(POSTERIORS) == ["gaussian", "iaf", "planar"]
+    with pytest.raises(InputError, match="unknown posterior 'maf'"):
+        VAEConfig(posterior="maf")
+    with pytest.raises(InputError, match="flow_layers must be a positive integer"):
+        VAEConfig(posterior="iaf", flow_layers=0)
+    with pytest.raises(InputError, match="VampPrior .* needs posterior='gaussian'"):
+        VAEConfig(posterior="iaf", prior="vamp")
+    with pytest.raises(InputError, match="at least one flow"):
+        FlowPosterior([], C)
+    with pytest.raises(InputError, match="context_dim"):  # a flow posterior with an encoder that gives no context
+        VAE(VAEConfig(network=tiny_network(), posterior="iaf"), encoder=build_encoder(tiny_network(), gaussian=True))
+    with pytest.raises(InputError, match="comes with a Gaussian encoder"):
+        MLPEncoder((1, 28, 28), L, context_dim=3)
+    assert isinstance(make_posterior("gaussian", L, 2), DiagonalGaussian)

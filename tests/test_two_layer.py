@@ -1,0 +1,87 @@
+"""The two-layer VAE: its ELBO by hand, Pyro's tools on it, training, and clear errors."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
+from pyro.poutine.util import site_is_subsample
+
+from pyrovae import TwoLayerVAE, TwoLayerVAEConfig
+from pyrovae.errors import InputError
+from pyrovae.evaluation import evaluate, log_weights
+from pyrovae.training import Trainer, TrainingConfig
+
+from conftest import tiny_network
+
+
+def small(**changes) -> TwoLayerVAE:
+    return TwoLayerVAE(TwoLayerVAEConfig(network=tiny_network(latent_dim=6), top_latent_dim=3, top_hidden=(16,), **changes))
+
+
+def test_elbo_matches_a_hand_computation_for_fixed_noise():
+    vae = small()
+    x = torch.rand(4, 1, 28, 28).bernoulli()
+    pyro.set_rng_seed(3)
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    z1, z2 = guide_trace.nodes["z1"]["value"], guide_trace.nodes["z2"]["value"]  # (4, 6), (4, 3)
+    with torch.no_grad():
+        by_hand = (
+            dist.Bernoulli(logits=vae.decoder(z1)).log_prob(x).flatten(1).sum(1)  # log p(x|z1)
+            + dist.Normal(*vae.top_decoder(z2)).log_prob(z1).sum(1)  # log p(z1|z2)
+            + dist.Normal(0.0, 1.0).log_prob(z2).sum(1)  # log p(z2)
+            - dist.Normal(*vae.encoder(x)).log_prob(z1).sum(1)  # log q(z1|x)
+            - dist.Normal(*vae.top_encoder(z1)).log_prob(z2).sum(1)  # log q(z2|z1)
+        )
+    pyro.set_rng_seed(3)  # Trace_ELBO runs the guide first: the same draws
+    torch.testing.assert_close(torch.tensor(-Trace_ELBO().loss(vae.model, vae.guide, x)), by_hand.sum(), rtol=1e-5, atol=1e-3)
+    pyro.set_rng_seed(3)
+    with torch.no_grad():
+        torch.testing.assert_close(log_weights(vae, x)[0], by_hand, rtol=1e-5, atol=1e-3)
+
+
+def test_two_sample_sites_in_both_programs_and_the_prior_on_z2():
+    vae = small()
+    x = torch.rand(5, 1, 28, 28)
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    sites = lambda trace: [name for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)]  # noqa: E731
+    assert sites(guide_trace) == ["z1", "z2"] and sites(model_trace) == ["z2", "z1", "x"]
+    assert model_trace.nodes["z2"]["value"].shape == (5, 3) and model_trace.nodes["z1"]["value"].shape == (5, 6)
+    assert vae.prior_site == "z2" and vae.prior_dim == 3 and vae.latent_dim == 6
+    assert vae.encode(x).shape == (5, 6) and vae.sample(7).shape == (7, 1, 28, 28)
+    assert Predictive(vae.model, num_samples=2)(batch_size=3)["x"].shape == (2, 3, 1, 28, 28)
+
+
+def test_pyro_svi_and_the_iwae_bound_train_it(mnist):
+    vae = small()
+    x = mnist.train[:64]
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True, max_plate_nesting=1))
+    before = svi.evaluate_loss(x)
+    for _ in range(40):
+        svi.step(x)
+    assert svi.evaluate_loss(x) < before - 50
+    names = {key.split("$$$")[0] for key in pyro.get_param_store().keys()}
+    assert {f"{vae.name}.{part}" for part in ("encoder", "decoder", "top_encoder", "top_decoder")} <= names
+
+
+def test_trainer_and_evaluation(mnist):
+    vae = small()
+    history = Trainer(vae, TrainingConfig(epochs=2, batch_size=50, progress=False)).fit(mnist.train[:300])
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    results = evaluate(vae, mnist, num_samples=20)
+    assert results["nll"] <= -results["elbo"] + 1.0  # the importance-sampled bound is tighter than the ELBO (up to noise)
+    assert results["prior_mmd"] >= 0 and 0 <= results["probe_accuracy"] <= 1
+
+
+def test_config_errors():
+    with pytest.raises(InputError, match="does not offer the VampPrior"):
+        TwoLayerVAEConfig(prior="vamp")
+    with pytest.raises(InputError, match="top_latent_dim"):
+        TwoLayerVAEConfig(top_latent_dim=0)
+    with pytest.raises(InputError, match="top_hidden"):
+        TwoLayerVAEConfig(top_hidden=(10, -1))
+    with pytest.raises(InputError, match="needs a TwoLayerVAEConfig"):
+        TwoLayerVAE(tiny_network())
+    assert TwoLayerVAEConfig().network.latent_dim == 100
