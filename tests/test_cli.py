@@ -19,6 +19,7 @@ from pyrovae.models import MODELS
 from pyrovae.models.autoencoders import AE
 from pyrovae.models.vae import ELBOS
 from pyrovae.nets import ACTIVATIONS
+from pyrovae.posteriors import POSTERIORS
 from pyrovae.priors import PRIORS
 
 SMALL = ["--subset", "300", "--hidden", "64", "--latent-dim", "4", "--epochs", "1", "--batch-size", "100", "--no-progress"]
@@ -59,6 +60,17 @@ def test_names_are_offered_from_the_registries():
     assert list(choices["--likelihood"]) == sorted(LIKELIHOODS)
     assert list(choices["--elbo"]) == sorted(ELBOS)
     assert list(choices["--activation"]) == sorted(ACTIVATIONS)
+    assert list(choices["--posterior"]) == sorted(POSTERIORS)
+
+
+def test_each_model_gets_its_own_default_code_size():
+    for model, size in (("vae", 50), ("cvae", 2), ("vae2", 100), ("ae", 50)):
+        args = build_parser().parse_args(["train", "--model", model])
+        assert cli._network_config(args, (1, 28, 28), model).latent_dim == size, model
+        args = build_parser().parse_args(["train", "--model", model, "--latent-dim", "7"])
+        assert cli._network_config(args, (1, 28, 28), model).latent_dim == 7, model
+    args = build_parser().parse_args(["compare"])
+    assert cli._network_config(args, (1, 28, 28)).latent_dim == 50  # compare: one network for every model
 
 
 def test_help_lists_the_choices(capsys):
@@ -221,6 +233,7 @@ def test_compare_accepts_a_cvae(tmp_path, data_dir):
         (["train", "--dataset", "nope"], "invalid choice"),
         (["train", "--optimizer", "nope"], "invalid choice"),
         (["train", "--hidden", "64,x"], "comma-separated"),
+        (["train", "--posterior", "nope"], "invalid choice"),
         (["compare", "--models", "vae,nope"], "unknown model"),
     ],
 )
@@ -242,6 +255,11 @@ def test_argparse_refuses_unknown_names(argv, words, tmp_path, capsys):
         (["train", "--patience", "3"], "--val-size"),
         (["train", "--eval-images", "-1"], "--eval-images"),
         (["train", "--model", "ae", "--beta", "2"], "takes no --beta"),
+        (["train", "--model", "vae", "--top-latent-dim", "2"], "takes no --top-latent-dim"),
+        (["train", "--posterior", "iaf", "--prior", "vamp"], "VampPrior"),
+        (["train", "--model", "cvae", "--prior", "vamp"], "VampPrior"),
+        (["train", "--model", "aae", "--prior", "vamp"], "VampPrior"),
+        (["train", "--flow-layers", "0", "--posterior", "iaf"], "flow_layers"),
         (["train", "--elbo", "iwae", "--num-particles", "5", "--beta", "2"], "beta"),
         (["compare", "--patience", "2"], "--val-size"),
     ],
@@ -301,3 +319,17 @@ def test_the_seed_fixes_the_initial_weights_too(tmp_path, data_dir):
         assert main(["train", "--model", "ae", "--out", str(folder), *data_dir, *SMALL, "--epochs", "0", "--seed", "3", "--eval-images", "0"]) == 0
     first, second = (torch.load(f / "checkpoint.pt", weights_only=True)["model_state"] for f in folders)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("options", [["--posterior", "iaf", "--flow-layers", "1"], ["--prior", "vamp", "--num-pseudo-inputs", "5"], ["--model", "vae2", "--top-latent-dim", "3"]])
+def test_flows_the_vamp_prior_and_two_layers_train_and_evaluate(options, tmp_path, data_dir):
+    folder = tmp_path / "run"
+    assert main(["train", *options, "--out", str(folder), *data_dir, *SMALL, "--binarize", "dynamic"]) == 0
+    config = json.loads((folder / "config.json").read_text())["model_config"]
+    given = dict(zip(options[::2], options[1::2]))
+    for flag, value in given.items():
+        if flag != "--model":
+            assert str(config[flag.removeprefix("--").replace("-", "_")]) == value, flag
+    assert main(["eval", str(folder), "--num-samples", "10"]) == 0
+    results = json.loads((folder / "eval.json").read_text())
+    assert 0 < results["nll"] < -results["elbo"] + 5
