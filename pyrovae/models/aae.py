@@ -42,6 +42,10 @@ class AAEConfig:
     gaussian_posterior: codes drawn from a diagonal Gaussian instead of the deterministic code;
     discriminator_hidden: widths of the discriminator's hidden layers (leaky ReLU);
     reconstruction_lr, discriminator_lr, generator_lr: the learning rate of each phase's optimizer.
+                      All three are 1e-3 by default: with the adversarial phases at 2e-4 (a GAN's usual rate)
+                      the reconstruction phase moved the encoder five times as far per step and won; on MNIST
+                      with a 2-D code and the mixture prior, 10 epochs gave an MMD to the prior of 0.91 (the
+                      AE's: 0.60) at 2e-4 and 0.031 at 1e-3.
     """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -50,8 +54,8 @@ class AAEConfig:
     gaussian_posterior: bool = False
     discriminator_hidden: tuple[int, ...] = (256, 256)
     reconstruction_lr: float = 1e-3
-    discriminator_lr: float = 2e-4
-    generator_lr: float = 2e-4
+    discriminator_lr: float = 1e-3
+    generator_lr: float = 1e-3
 
     def __post_init__(self):
         if isinstance(self.network, dict):
