@@ -595,7 +595,7 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     :func:`reconstruction_error`) and ``"probe_accuracy"`` (see :func:`linear_probe`). All but
     PCA: ``"prior_mmd"``, how far the codes of the first :data:`MMD_IMAGES` test images are from
     the prior (see :func:`prior_mmd`).
-    The VAE also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
+    The VAEs (the Pyro models: a ``model`` and a ``guide``) also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
     A conditional model (the CVAE) is given the test labels throughout: ``"elbo"`` and ``"nll"`` are
