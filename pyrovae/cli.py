@@ -194,7 +194,7 @@ def _default_latent_dim(name: str | None) -> int:
 
 
 def _latent_defaults() -> str:
-    """'50; cvae 2, vae2 100 (z1)': the default code sizes of the models."""
+    """'50; cvae 2, vae2 100': the default code sizes of the models (the vae2's is z1's)."""
     usual = NetworkConfig().latent_dim
     others = [f"{name} {_default_latent_dim(name)}" for name in sorted(MODELS) if _default_latent_dim(name) != usual]
     return "; ".join([str(usual), ", ".join(others)] if others else [str(usual)])
