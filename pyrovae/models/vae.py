@@ -68,7 +68,7 @@ from ..errors import InputError
 from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..nets import NetworkConfig, build_decoder, build_encoder
 from ..posteriors import POSTERIORS, make_posterior, point_estimate
-from ..priors import PRIORS, VampPrior, check_prior, make_prior
+from ..priors import PRIORS, check_prior, make_prior
 from .base import AutoencoderMixin, Progress, Update
 
 __all__ = ["VAE", "VAEConfig", "ELBOS"]
@@ -219,7 +219,7 @@ def _set_prior_likelihood_objective(model, config: VAEConfig, prior, likelihood,
     if prior is None and config.prior == "vamp":
         if getattr(model, "conditional", False):
             raise InputError("the VampPrior needs q(z|u) of pseudo-images u alone; a CVAE's encoder also needs a label: choose another prior")
-        prior = VampPrior(latent_dim, encoder=model.encoder, input_shape=config.network.input_shape, num_pseudo_inputs=config.num_pseudo_inputs)
+        prior = make_prior("vamp", latent_dim, encoder=model.encoder, input_shape=config.network.input_shape, num_pseudo_inputs=config.num_pseudo_inputs)
     model.prior = prior if prior is not None else make_prior(config.prior, latent_dim)
     model.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
     model.kl_weight = float(config.beta)
