@@ -24,6 +24,7 @@ images, so a subset holds the same binary images as the full set.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -101,6 +102,25 @@ def _expected_files(dataset_class, root: Path) -> tuple[Path, list[str]]:
     return root, [dataset_class.filename]  # CIFAR-10: one archive
 
 
+@contextmanager
+def _locked(directory: Path):
+    """Hold an exclusive lock on ``directory`` (``flock`` on its descriptor; nothing is written there), so
+    processes that load a dataset at the same moment (parallel runs, distributed ranks) take turns:
+    torchvision unpacks the ``.gz`` files on first use, and a second process would otherwise read
+    them half-written. Where the platform has no ``flock`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # and with it the lock
+
+
 def _read(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
     """uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` of one split, read via torchvision."""
     dataset_class = _torchvision_class(name)
@@ -111,7 +131,8 @@ def _read(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
             break
         missing.append(path)
     try:
-        ds = dataset_class(root=str(root), train=train, download=True)
+        with _locked(path):  # the deepest folder that exists
+            ds = dataset_class(root=str(root), train=train, download=True)
     except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
         for path in missing:  # leave no empty folders behind, and none that were there before
             if not path.is_dir() or any(path.iterdir()):

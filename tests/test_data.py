@@ -263,3 +263,27 @@ def test_load_and_batch_on_cuda(mnist_dir):
         assert tensor.device.type == "cuda"
     for batch in batches(data.train, 16, torch.Generator().manual_seed(0), binarize=True):
         assert batch.device.type == "cuda" and batch.shape == (16, 1, 28, 28)
+
+
+
+def test_a_load_waits_while_another_process_unpacks(mnist_dir, tmp_path):
+    """torchvision unpacks the ``.gz`` files on first use; a second process that looked meanwhile would read
+    them half-written (two of three reproduction runs started together failed so). So a load waits for
+    the lock on the data folder: here the test holds it, as an unpacking process would."""
+    import shutil
+    import threading
+
+    from pyrovae.data import _locked
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (mnist_dir / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(path, raw)
+    loaded = []
+    with _locked(raw):  # a lock of its own (flock locks belong to each open), as another process's
+        loader = threading.Thread(target=lambda: loaded.append(load_dataset("mnist", root=tmp_path, subset=10)))
+        loader.start()
+        loader.join(timeout=1.0)
+        assert loader.is_alive() and not loaded and not any(path.suffix != ".gz" for path in raw.iterdir())
+    loader.join(timeout=120)
+    assert len(loaded) == 1 and loaded[0].train.shape == (10, 1, 28, 28)
