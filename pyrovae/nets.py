@@ -51,7 +51,8 @@ class NetworkConfig:
     hidden:      widths of the MLP's hidden layers from the image side, mirrored in the decoder;
                  ``(400,)`` gives 784-400-L-400-784 on MNIST. Ignored when ``conv``.
     conv:        convolutional networks instead (for ``(1, 28, 28)`` and ``(3, 32, 32)`` images).
-    activation:  one of :data:`ACTIVATIONS`.
+    activation:  one of :data:`ACTIVATIONS`. Fully connected tanh layers start from Glorot and Bengio's
+                 initialization (the IWAE paper's), the others from PyTorch's default.
     dropout:     probability in ``[0, 1)`` of zeroing each hidden unit, after every hidden activation of
                  encoder and decoder; active in training mode only (``model.eval()`` turns it off).
     """

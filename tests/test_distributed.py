@@ -112,6 +112,7 @@ def _equality_worker(rank, init_file, train, labels, out):
             "who": (distributed.rank(), distributed.world_size(), distributed.is_main()),
         }
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
@@ -165,6 +166,7 @@ def _sigterm_worker(rank, init_file, train, folder, out):
         history = resumed.fit(train)
         torch.save({"failure": failure, "stopped": stopped, "position": position, "whole": whole.state_dict(), "resumed": resumed.model.state_dict(),
                     "history": history}, f"{out}.{rank}")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
