@@ -52,7 +52,7 @@ class NetworkConfig:
                  ``(400,)`` gives 784-400-L-400-784 on MNIST. Ignored when ``conv``.
     conv:        convolutional networks instead (for ``(1, 28, 28)`` and ``(3, 32, 32)`` images).
     activation:  one of :data:`ACTIVATIONS`. Fully connected tanh layers start from Glorot and Bengio's
-                 initialization (the IWAE paper's), the others from PyTorch's default.
+                 initialization, the others from PyTorch's default.
     dropout:     probability in ``[0, 1)`` of zeroing each hidden unit, after every hidden activation of
                  encoder and decoder; active in training mode only (``model.eval()`` turns it off).
     """
@@ -90,11 +90,11 @@ def _dropout(p: float) -> nn.Module:
 def _linear_layers(widths: list[int], activation: str) -> nn.ModuleList:
     """Fully connected layers ``widths[0] -> widths[1] -> ... -> widths[-1]``.
 
-    Under ``tanh``, weights follow Glorot and Bengio's uniform heuristic (gain 5/3 where a tanh follows,
-    1 for the output layer) and biases start at 0: the initialization the tanh networks of the IWAE
-    paper used. PyTorch's default (uniform in +-1/sqrt(fan_in)) starts a tanh network so close to
-    constant that, on binarized MNIST, a VAE sits for thousands of steps on the plateau where it
-    ignores z, and a VampPrior VAE does not leave it at all. Other activations keep PyTorch's default.
+    Under ``tanh``, weights follow the uniform heuristic Glorot and Bengio (2010) derived for tanh
+    networks (gain 5/3 where a tanh follows, 1 for the output layer) and biases start at 0.
+    PyTorch's default (uniform in +-1/sqrt(fan_in)) starts a tanh network so close to constant
+    that, on binarized MNIST, a VAE spends its first several hundred steps on the plateau where it
+    ignores z, and a VampPrior VAE had not left it after 4,200. Other activations keep PyTorch's default.
     """
     layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
     if activation == "tanh":
