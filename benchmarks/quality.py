@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -171,6 +172,16 @@ def nll(model, test: torch.Tensor, samples: int, folder: Path) -> float:
     return -sum(chunk["sum_log_p"] for chunk in done["chunks"]) / images
 
 
+def code_version() -> str | None:
+    """The commit of the code that ran (with "+changes" when the tree differs from it), or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed.strip() else "")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("row", choices=sorted(ROWS), help="the row of the table: " + ", ".join(ROWS))
@@ -219,6 +230,7 @@ def main(argv=None) -> dict:
         "training_config": asdict(configs(args.row, schedule)[1]),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "code": code_version(),  # the code of this call: a resumed run was trained by earlier calls' too
     }
     write_text_atomic(folder / "result.json", json.dumps(result, indent=2) + "\n")
     print(f"{args.row} ({args.schedule}): test NLL {value:.2f} nats (k={schedule.nll_samples}, {len(data.test)} images); "
