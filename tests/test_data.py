@@ -265,7 +265,6 @@ def test_load_and_batch_on_cuda(mnist_dir):
         assert batch.device.type == "cuda" and batch.shape == (16, 1, 28, 28)
 
 
-
 def test_a_load_waits_while_another_process_unpacks(mnist_dir, tmp_path):
     """torchvision unpacks the ``.gz`` files on first use; a second process that looked meanwhile would read
     them half-written (two of three reproduction runs started together failed so). So a load waits for
