@@ -39,6 +39,8 @@ __all__ = [
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU}
 MIN_SCALE = 1e-5
+#: how fully connected tanh layers may start (see :func:`_linear_layers`)
+TANH_INITS = ("glorot", "pytorch")
 CONV_SHAPES = ((1, 28, 28), (3, 32, 32))
 
 
@@ -51,8 +53,10 @@ class NetworkConfig:
     hidden:      widths of the MLP's hidden layers from the image side, mirrored in the decoder;
                  ``(400,)`` gives 784-400-L-400-784 on MNIST. Ignored when ``conv``.
     conv:        convolutional networks instead (for ``(1, 28, 28)`` and ``(3, 32, 32)`` images).
-    activation:  one of :data:`ACTIVATIONS`. Fully connected tanh layers start from Glorot and Bengio's
-                 initialization, the others from PyTorch's default.
+    activation:  one of :data:`ACTIVATIONS`.
+    tanh_init:   how fully connected tanh layers start, one of :data:`TANH_INITS`: ``"glorot"``, Glorot and
+                 Bengio's uniform initialization (see :func:`_linear_layers`), or ``"pytorch"``, PyTorch's
+                 default. Other activations and convolutions always start from PyTorch's default.
     dropout:     probability in ``[0, 1)`` of zeroing each hidden unit, after every hidden activation of
                  encoder and decoder; active in training mode only (``model.eval()`` turns it off).
     """
@@ -63,6 +67,7 @@ class NetworkConfig:
     conv: bool = False
     activation: str = "relu"
     dropout: float = 0.0
+    tanh_init: str = "glorot"
 
     def __post_init__(self):
         shape, hidden = tuple(self.input_shape), tuple(self.hidden)
@@ -76,6 +81,7 @@ class NetworkConfig:
             raise InputError(f"hidden widths must be positive integers, got {hidden}")
         if self.activation not in ACTIVATIONS:
             raise InputError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+        _check_tanh_init(self.tanh_init)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         if self.conv and shape not in CONV_SHAPES:
@@ -87,17 +93,26 @@ def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-def _linear_layers(widths: list[int], activation: str) -> nn.ModuleList:
+def _check_tanh_init(tanh_init: str) -> None:
+    if tanh_init not in TANH_INITS:
+        raise InputError(f"unknown tanh_init {tanh_init!r}; choose from {list(TANH_INITS)}")
+
+
+def _linear_layers(widths: list[int], activation: str, tanh_init: str = "glorot") -> nn.ModuleList:
     """Fully connected layers ``widths[0] -> widths[1] -> ... -> widths[-1]``.
 
-    Under ``tanh``, weights follow the uniform heuristic Glorot and Bengio (2010) derived for tanh
-    networks (gain 5/3 where a tanh follows, 1 for the output layer) and biases start at 0.
+    Under ``tanh`` with ``tanh_init="glorot"``, weights follow the uniform heuristic Glorot and Bengio
+    (2010) derived for tanh networks (gain 5/3 where a tanh follows, 1 for the output layer) and biases
+    start at 0.
     PyTorch's default (uniform in +-1/sqrt(fan_in)) starts a tanh network so close to constant
     that, on binarized MNIST, a VAE spends its first several hundred steps on the plateau where it
-    ignores z, and a VampPrior VAE had not left it after 4,200. Other activations keep PyTorch's default.
+    ignores z, and a VampPrior VAE had not left it after 4,200. The plain one-layer VAE, though, trained
+    no faster from Glorot's start (docs/quality.md), and its published rows came from PyTorch's, hence
+    ``tanh_init="pytorch"``. Other activations keep PyTorch's default.
     """
+    _check_tanh_init(tanh_init)
     layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
-    if activation == "tanh":
+    if activation == "tanh" and tanh_init == "glorot":
         for i, layer in enumerate(layers):
             nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("tanh") if i < len(layers) - 1 else 1.0)
             nn.init.zeros_(layer.bias)
@@ -137,7 +152,8 @@ class MLPEncoder(nn.Module):
     """
 
     def __init__(
-        self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False, dropout: float = 0.0, context_dim: int = 0
+        self, input_shape, latent_dim: int, hidden=(400,), activation: str = "relu", gaussian: bool = False, dropout: float = 0.0, context_dim: int = 0,
+        tanh_init: str = "glorot",
     ):
         super().__init__()
         self.input_shape = tuple(input_shape)
@@ -145,7 +161,7 @@ class MLPEncoder(nn.Module):
         self.gaussian = gaussian
         widths = [math.prod(self.input_shape), *hidden]
         out = _head_size(latent_dim, gaussian, context_dim)
-        self.layers = _linear_layers([*widths, out], activation)
+        self.layers = _linear_layers([*widths, out], activation, tanh_init)
         self.activation = ACTIVATIONS[activation]()
         self.dropout = _dropout(dropout)
 
@@ -160,12 +176,12 @@ class MLPDecoder(nn.Module):
     ``hidden`` lists widths from the latent side outwards.
     """
 
-    def __init__(self, latent_dim: int, output_shape, hidden=(400,), activation: str = "relu", dropout: float = 0.0):
+    def __init__(self, latent_dim: int, output_shape, hidden=(400,), activation: str = "relu", dropout: float = 0.0, tanh_init: str = "glorot"):
         super().__init__()
         self.output_shape = tuple(output_shape)
         self.latent_dim = latent_dim
         widths = [latent_dim, *hidden, math.prod(self.output_shape)]
-        self.layers = _linear_layers(widths, activation)
+        self.layers = _linear_layers(widths, activation, tanh_init)
         self.activation = ACTIVATIONS[activation]()
         self.dropout = _dropout(dropout)
 
@@ -177,11 +193,11 @@ class GaussianMLP(nn.Module):
     """The network of a stochastic layer between two codes: ``(..., D_in) -> (loc, scale)``, each ``(..., D_out)``,
     through fully connected ``hidden`` layers (the two-layer VAE's p(z1|z2) and q(z2|z1)). Leading dimensions pass through."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden=(100, 100), activation: str = "tanh", dropout: float = 0.0):
+    def __init__(self, in_dim: int, out_dim: int, hidden=(100, 100), activation: str = "tanh", dropout: float = 0.0, tanh_init: str = "glorot"):
         super().__init__()
         self.out_dim = out_dim
         widths = [in_dim, *hidden, 2 * out_dim]
-        self.layers = _linear_layers(widths, activation)
+        self.layers = _linear_layers(widths, activation, tanh_init)
         self.activation = ACTIVATIONS[activation]()
         self.dropout = _dropout(dropout)
 
@@ -244,7 +260,8 @@ def build_encoder(config: NetworkConfig, gaussian: bool = False, context_dim: in
     if config.conv:
         return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim)
     return MLPEncoder(
-        config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim
+        config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim,
+        tanh_init=config.tanh_init,
     )
 
 
@@ -252,4 +269,6 @@ def build_decoder(config: NetworkConfig) -> nn.Module:
     """The decoder that ``config`` describes, mirroring :func:`build_encoder`."""
     if config.conv:
         return ConvDecoder(config.latent_dim, config.input_shape, config.activation, dropout=config.dropout)
-    return MLPDecoder(config.latent_dim, config.input_shape, tuple(reversed(config.hidden)), config.activation, dropout=config.dropout)
+    return MLPDecoder(
+        config.latent_dim, config.input_shape, tuple(reversed(config.hidden)), config.activation, dropout=config.dropout, tanh_init=config.tanh_init
+    )

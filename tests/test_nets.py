@@ -84,6 +84,19 @@ def test_tanh_networks_start_from_glorots_initialization_and_others_from_pytorch
     assert first.weight.abs().max() <= 784**-0.5 and first.bias.abs().max() > 0  # PyTorch's Linear default
 
 
+def test_tanh_init_pytorch_keeps_pytorchs_default_everywhere_and_a_wrong_name_is_refused():
+    torch.manual_seed(0)
+    cfg = NetworkConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(200, 200), activation="tanh", tanh_init="pytorch")
+    for net in (build_encoder(cfg, gaussian=True), build_decoder(cfg), GaussianMLP(100, 50, (100, 100), "tanh", tanh_init="pytorch")):
+        for layer in net.layers:
+            assert layer.weight.abs().max() <= layer.in_features**-0.5  # uniform in +-1/sqrt(fan_in)
+            assert layer.bias.abs().max() > 0
+    with pytest.raises(InputError, match="tanh_init"):
+        NetworkConfig(activation="tanh", tanh_init="xavier")
+    with pytest.raises(InputError, match="tanh_init"):
+        GaussianMLP(10, 5, tanh_init="he")
+
+
 def test_a_tanh_encoder_tells_images_apart_from_the_start():
     """Under PyTorch's default initialization the tanh encoder's codes barely differ between images (the
     plateau a VampPrior VAE had not left after 4,200 steps); under Glorot's they differ by about the posterior's width."""

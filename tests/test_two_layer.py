@@ -85,3 +85,12 @@ def test_config_errors():
     with pytest.raises(InputError, match="needs a TwoLayerVAEConfig"):
         TwoLayerVAE(tiny_network())
     assert TwoLayerVAEConfig().network.latent_dim == 100
+
+
+@pytest.mark.parametrize("tanh_init", ["glorot", "pytorch"])
+def test_the_top_layers_networks_start_as_the_network_config_says(tanh_init):
+    torch.manual_seed(0)
+    model = TwoLayerVAE(TwoLayerVAEConfig(network=tiny_network(latent_dim=6, activation="tanh", tanh_init=tanh_init), top_latent_dim=3, top_hidden=(16,)))
+    for net in (model.encoder, model.decoder, model.top_encoder, model.top_decoder):
+        biases_zero = [bool((layer.bias == 0).all()) for layer in net.layers]
+        assert biases_zero == [tanh_init == "glorot"] * len(net.layers)  # Glorot's start zeroes biases, PyTorch's does not

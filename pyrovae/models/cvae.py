@@ -104,7 +104,7 @@ def _conditional_encoder(config: CVAEConfig, context_dim: int):
     if net.conv:
         c, h, w = net.input_shape
         return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, **options)
-    return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, **options)
+    return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, tanh_init=net.tanh_init, **options)
 
 
 class CVAE(AutoencoderMixin, PyroModule):

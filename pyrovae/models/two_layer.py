@@ -84,10 +84,11 @@ class TwoLayerVAE(VAE):
             raise InputError(f"TwoLayerVAE needs a TwoLayerVAEConfig, got {type(config).__name__}")
         super().__init__(config, **parts)
         net, top = config.network, config.top_latent_dim
-        self.top_encoder = top_encoder if top_encoder is not None else GaussianMLP(net.latent_dim, top, config.top_hidden, net.activation, net.dropout)
-        self.top_decoder = (
-            top_decoder if top_decoder is not None else GaussianMLP(top, net.latent_dim, tuple(reversed(config.top_hidden)), net.activation, net.dropout)
-        )
+        if top_encoder is None:
+            top_encoder = GaussianMLP(net.latent_dim, top, config.top_hidden, net.activation, net.dropout, net.tanh_init)
+        if top_decoder is None:
+            top_decoder = GaussianMLP(top, net.latent_dim, tuple(reversed(config.top_hidden)), net.activation, net.dropout, net.tanh_init)
+        self.top_encoder, self.top_decoder = top_encoder, top_decoder
 
     @property
     def prior_dim(self) -> int:
