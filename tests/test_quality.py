@@ -4,9 +4,9 @@ results and figures, and running it again continues instead of starting over (sm
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
