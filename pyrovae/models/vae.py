@@ -59,9 +59,10 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.nn import PyroModule
-from pyro.poutine.util import is_validation_enabled
+from pyro.poutine.util import is_validation_enabled, prune_subsample_sites
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -71,7 +72,7 @@ from ..posteriors import POSTERIORS, make_posterior, point_estimate
 from ..priors import PRIORS, check_prior, make_prior
 from .base import AutoencoderMixin, Progress, Update
 
-__all__ = ["VAE", "VAEConfig", "ELBOS"]
+__all__ = ["VAE", "VAEConfig", "ELBOS", "free_bits_loss"]
 
 #: the objectives :meth:`VAE.training_step` can use: Trace_ELBO, TraceMeanField_ELBO, the IWAE bound
 ELBOS = ("trace", "meanfield", "iwae")
@@ -98,6 +99,10 @@ class VAEConfig:
                       known) or ``"iwae"`` (RenyiELBO with alpha=0: the IWAE bound of each image).
     num_particles:    samples of z per image in the objective (k of the IWAE bound), vectorized.
     kl_warmup_epochs: raise the KL weight linearly, step by step, from 0 to ``beta`` over this many epochs.
+    free_bits:        nats per image below which a latent site's KL term, averaged over the batch, is not
+                      pushed lower in training (Kingma et al. 2016's "free bits", one group per sample site;
+                      see :func:`free_bits_loss`). It keeps a layer from collapsing onto its prior before it
+                      has something to code; validation and evaluation use the plain ELBO. 0: off.
 
     The IWAE bound is a log-mean-exp over particles of whole log-weights; a weight on the KL part
     inside it would change the bound itself, so ``elbo="iwae"`` needs ``beta=1`` and no warm-up.
@@ -113,6 +118,7 @@ class VAEConfig:
     posterior: str = "gaussian"
     flow_layers: int = 2
     num_pseudo_inputs: int = 500
+    free_bits: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.network, dict):
@@ -144,6 +150,13 @@ class VAEConfig:
             raise InputError(
                 "the IWAE bound (elbo='iwae') is defined with beta=1 and no KL warm-up: a weight inside its "
                 f"log-mean-exp changes the bound (got beta={self.beta}, kl_warmup_epochs={self.kl_warmup_epochs})"
+            )
+        if isinstance(self.free_bits, bool) or not isinstance(self.free_bits, (int, float)) or not self.free_bits >= 0:
+            raise InputError(f"free_bits must be a non-negative number of nats, got {self.free_bits!r}")
+        if self.free_bits and (self.elbo != "trace" or self.num_particles != 1):
+            raise InputError(
+                f"free bits floor the KL terms of the one-sample ELBO: they need elbo='trace' and num_particles=1 "
+                f"(got elbo={self.elbo!r}, num_particles={self.num_particles})"
             )
 
 
@@ -272,9 +285,43 @@ def _warmed_up_kl_weight(config: VAEConfig, progress: Progress) -> float:
     return float(config.beta) * (min(1.0, progress.epochs_done / warmup) if warmup else 1.0)
 
 
-def _elbo_loss(model, x: Tensor, num_data: int | None, **condition) -> Tensor:
+def free_bits_loss(model, guide, *args, free_bits: float, **kwargs) -> Tensor:
+    """The one-sample negative ELBO of ``model`` and ``guide`` on ``*args, **kwargs``, with free bits: a latent
+    site's KL term ``log q(z) - log p(z | parents)``, summed over its batch, counts as at least ``free_bits``
+    nats for each example in the batch (Kingma et al. 2016, eq. 15, with each sample site a group).
+
+    Below the floor the site gets no gradient from its KL term, so it is free to carry that much
+    information; above it the loss is Trace_ELBO's. Like ``Trace_ELBO().differentiable_loss`` it is a
+    sum scaled by the plates (and ``poutine.scale``/``mask``); the floor is scaled alike, so a site with
+    weight beta counts ``beta * max(KL, free_bits)`` per example. Every guide site must be reparameterized.
+    With ``free_bits=0`` it equals ``Trace_ELBO().differentiable_loss`` for the same draw.
+    """
+    guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+    model_trace = prune_subsample_sites(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs))
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    loss = 0.0
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if not site["fn"].has_rsample:
+            raise InputError(f"free_bits_loss needs reparameterized guide sites; {name!r} is {type(site['fn']).__name__}")
+        if name not in model_trace.nodes:
+            loss = loss + site["log_prob"].sum()
+            continue
+        kl = (site["log_prob"] - model_trace.nodes[name]["log_prob"]).sum()
+        weights = scale_and_mask(torch.ones_like(site["unscaled_log_prob"]), site["scale"], site["mask"])
+        loss = loss + torch.maximum(kl, free_bits * weights.sum())
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and name not in guide_trace.nodes:
+            loss = loss - site["log_prob"].sum()
+    return loss
+
+
+def _elbo_loss(model, x: Tensor, num_data: int | None, training: bool = False, **condition) -> Tensor:
     """``model.elbo``'s loss per example for ``model.model`` and ``model.guide`` on ``x: (B, C, H, W)`` (and
-    ``condition``, the further keyword arguments both take), the batch standing for ``num_data`` images.
+    ``condition``, the further keyword arguments both take), the batch standing for ``num_data`` images;
+    in ``training``, with the config's free bits (:func:`free_bits_loss`) if it has any.
 
     Trace ELBOs return a differentiable loss (the caller runs backward); RenyiELBO offers
     ``loss_and_grads`` only and runs unscaled (a scale inside its log-mean-exp would change
@@ -289,6 +336,8 @@ def _elbo_loss(model, x: Tensor, num_data: int | None, **condition) -> Tensor:
                 param.grad.div_(len(x))
         return torch.tensor(value / len(x), device=x.device)
     n = num_data or len(x)
+    if training and model.config.free_bits:
+        return free_bits_loss(model.model, model.guide, x, num_data=n, free_bits=model.config.free_bits, **condition) / n
     return elbo.differentiable_loss(model.model, model.guide, x, num_data=n, **condition) / n
 
 
@@ -376,7 +425,7 @@ class VAE(AutoencoderMixin, PyroModule):
         """
         weight = _warmed_up_kl_weight(self.config, progress)
         with _kl_weight_set(self, weight):
-            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data))
+            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True))
         return {"loss": loss, "kl_weight": weight}
 
     def validation_loss(self, x: Tensor) -> Tensor:
