@@ -69,6 +69,7 @@ MODEL_OPTIONS = {
     "--elbo": "elbo",
     "--num-particles": "num_particles",
     "--kl-warmup": "kl_warmup_epochs",
+    "--free-bits": "free_bits",
     "--posterior": "posterior",
     "--flow-layers": "flow_layers",
     "--num-pseudo-inputs": "num_pseudo_inputs",
@@ -174,6 +175,7 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
     group.add_argument("--num-particles", type=int, default=argparse.SUPPRESS, help=_model_help("samples of z per image in the objective (k of the IWAE bound)", "num_particles"))
     group.add_argument("--kl-warmup", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
+    group.add_argument("--free-bits", type=float, default=argparse.SUPPRESS, help=_model_help("nats per latent site below which training does not push its KL lower (Kingma et al. 2016)", "free_bits"))
     group.add_argument("--posterior", choices=sorted(POSTERIORS), default=argparse.SUPPRESS, help=_model_help("q(z|x): diagonal Gaussian, or that Gaussian through inverse autoregressive or planar flows", "posterior"))
     group.add_argument("--flow-layers", type=int, default=argparse.SUPPRESS, help=_model_help("steps of a flow posterior", "flow_layers"))
     group.add_argument("--num-pseudo-inputs", type=int, default=argparse.SUPPRESS, help=_model_help("pseudo-inputs K of the VampPrior (--prior vamp)", "num_pseudo_inputs"))

@@ -322,7 +322,7 @@ def test_the_seed_fixes_the_initial_weights_too(tmp_path, data_dir):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("options", [["--posterior", "iaf", "--flow-layers", "1"], ["--prior", "vamp", "--num-pseudo-inputs", "5"], ["--model", "vae2", "--top-latent-dim", "3"]])
+@pytest.mark.parametrize("options", [["--posterior", "iaf", "--flow-layers", "1"], ["--prior", "vamp", "--num-pseudo-inputs", "5"], ["--model", "vae2", "--top-latent-dim", "3", "--free-bits", "2.0"]])
 def test_flows_the_vamp_prior_and_two_layers_train_and_evaluate(options, tmp_path, data_dir):
     folder = tmp_path / "run"
     assert main(["train", *options, "--out", str(folder), *data_dir, *SMALL, "--binarize", "dynamic"]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,9 @@ def test_rows_follow_the_paper():
     assert StagedDecay(3280).stage_ends() == [1, 4, 13, 40, 121, 364, 1093, 3280]
     two_layer, _ = quality.configs("vae2", quality.SCHEDULES["paper"])
     assert (two_layer.network.hidden, two_layer.network.latent_dim, two_layer.top_hidden, two_layer.top_latent_dim) == ((200, 200), 100, (100, 100), 50)
+    for schedule in quality.SCHEDULES.values():  # the free-bits rows change nothing else of the two-layer row
+        for row, free_bits in (("vae2-fb2", 2.0), ("vae2-fb6", 6.0)):
+            assert quality.configs(row, schedule) == (replace(quality.configs("vae2", schedule)[0], free_bits=free_bits), quality.configs("vae2", schedule)[1])
     assert quality.configs("iaf", quality.SCHEDULES["paper"])[0].posterior == "iaf"
     assert quality.configs("vamp", quality.SCHEDULES["paper"])[0].num_pseudo_inputs == 500
     assert quality.configs("vamp", quality.SCHEDULES["cpu"])[0].num_pseudo_inputs == 100  # the CPU budget's choice
@@ -59,7 +62,7 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir):
     assert again["test_nll"] == first["test_nll"] and again["epochs"] == 2
 
 
-@pytest.mark.parametrize("row, schedule", [("iwae50", "smoke"), ("iwae5", "paper"), ("vae2", "smoke"), ("iaf", "smoke"), ("vamp", "smoke")])
+@pytest.mark.parametrize("row, schedule", [("iwae50", "smoke"), ("iwae5", "paper"), ("vae2", "smoke"), ("vae2-fb6", "smoke"), ("iaf", "smoke"), ("vamp", "smoke")])
 def test_every_row_and_the_paper_schedule_are_runnable(tmp_path, mnist_dir, row, schedule):
     args = [row, "--schedule", schedule, "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu",
             "--epochs", "1", "--subset", "100", "--nll-samples", "20"]

@@ -11,6 +11,7 @@ from pyro.poutine.util import site_is_subsample
 from pyrovae import TwoLayerVAE, TwoLayerVAEConfig
 from pyrovae.errors import InputError
 from pyrovae.evaluation import evaluate, log_weights
+from pyrovae.models.vae import free_bits_loss
 from pyrovae.training import Trainer, TrainingConfig
 
 from conftest import tiny_network
@@ -39,6 +40,23 @@ def test_elbo_matches_a_hand_computation_for_fixed_noise():
     pyro.set_rng_seed(3)
     with torch.no_grad():
         torch.testing.assert_close(log_weights(vae, x)[0], by_hand, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 3.0, 1e4])
+def test_free_bits_floor_each_layers_kl_on_its_own(free_bits):
+    vae = small()
+    x = torch.rand(4, 1, 28, 28).bernoulli()
+    pyro.set_rng_seed(5)
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    z1, z2 = guide_trace.nodes["z1"]["value"], guide_trace.nodes["z2"]["value"]
+    with torch.no_grad():
+        reconstruction = dist.Bernoulli(logits=vae.decoder(z1)).log_prob(x).flatten(1).sum(1).sum()
+        kl1 = (dist.Normal(*vae.encoder(x)).log_prob(z1) - dist.Normal(*vae.top_decoder(z2)).log_prob(z1)).sum()
+        kl2 = (dist.Normal(*vae.top_encoder(z1)).log_prob(z2) - dist.Normal(0.0, 1.0).log_prob(z2)).sum()
+        pyro.set_rng_seed(5)
+        loss = free_bits_loss(vae.model, vae.guide, x, free_bits=free_bits)
+    floor = torch.tensor(free_bits * len(x))
+    torch.testing.assert_close(loss, -reconstruction + torch.maximum(kl1, floor) + torch.maximum(kl2, floor), rtol=1e-5, atol=1e-3)
 
 
 def test_two_sample_sites_in_both_programs_and_the_prior_on_z2():

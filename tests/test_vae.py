@@ -20,6 +20,8 @@ from pyrovae.data import batches
 from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, NormalLikelihood
 from pyrovae.models import MODELS, VAE, VAEConfig, build_model, config_from_dict, config_to_dict
+from pyrovae.models.vae import free_bits_loss
+from pyrovae.training import Trainer, TrainingConfig
 from pyrovae.priors import PRIORS
 
 L = 8
@@ -161,6 +163,54 @@ def test_mean_field_elbo_equals_analytic_kl_plus_reconstruction(beta, num_data, 
     kl = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).sum(-1)
     expected = -(num_data or len(x)) / len(x) * (log_lik - beta * kl).sum()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("beta, num_data", [(1.0, None), (0.5, 1000)])
+@pytest.mark.parametrize("free_bits", [0.0, 1.0, 1e4])
+def test_free_bits_floor_the_batchs_kl_and_leave_the_reconstruction(beta, num_data, free_bits, images):
+    """Kingma et al. 2016, eq. 15 with the site z as the group: -E[log p(x|z)] + beta * max(KL, free_bits), the
+    KL averaged over the batch, scaled to the ``num_data`` images like the ELBO; without free bits, Trace_ELBO."""
+    vae = make_vae()
+    vae.kl_weight = beta
+    x = images[:8]
+    draws = []
+    pyro.set_rng_seed(1)
+    loss = free_bits_loss(vae.model, capturing(vae.guide, draws), x, num_data=num_data, free_bits=free_bits)
+    log_lik, log_p, log_q = log_weights(vae, x, draws[0])
+    scale = (num_data or len(x)) / len(x)
+    kl_per_image = (log_q - log_p).mean()
+    expected = scale * (-log_lik.sum() + beta * len(x) * torch.clamp(kl_per_image, min=free_bits))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-3)
+    if free_bits == 0:
+        pyro.set_rng_seed(1)
+        torch.testing.assert_close(loss, Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=num_data), rtol=1e-5, atol=1e-3)
+
+
+def test_a_site_under_its_free_bits_gets_no_gradient_from_its_kl(images):
+    """Below the floor the loss is the reconstruction term plus a constant: the same gradients as with the KL masked."""
+    vae = make_vae()
+    x = images[:8]
+    pyro.set_rng_seed(2)
+    free_bits_loss(vae.model, vae.guide, x, free_bits=1e4).backward()
+    floored = {name: param.grad.clone() for name, param in vae.named_parameters()}
+    vae.zero_grad()
+    vae.kl_weight = 0.0  # masks the KL: only log p(x|z) is left
+    pyro.set_rng_seed(2)
+    Trace_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
+    for name, param in vae.named_parameters():
+        torch.testing.assert_close(floored[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert floored["encoder.layers.0.weight"].abs().sum() > 0  # the reconstruction still trains the encoder
+
+
+def test_training_uses_the_free_bits_and_validation_the_plain_elbo(mnist):
+    vae = make_vae(free_bits=5000.0)  # far above any KL of this model: the floor binds
+    history = Trainer(vae, TrainingConfig(epochs=1, batch_size=50, progress=False)).fit(mnist.train[:100], test=mnist.test[:50])
+    assert history[0]["train_loss"] > 5000  # the floor counts in the training loss...
+    assert history[0]["test_loss"] < 1000  # ...not in the bound it is scored by (about 540 nats here)
+    pyro.set_rng_seed(3)
+    plain = Trace_ELBO().differentiable_loss(vae.model, vae.guide, mnist.test[:50]) / 50
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(vae.validation_loss(mnist.test[:50]), plain.detach())
 
 
 def test_kl_weight_can_be_changed_on_the_instance(images):
@@ -547,6 +597,11 @@ def test_checks_follow_the_likelihood_and_pyro_validation():
         (dict(kl_warmup_epochs=-1), "kl_warmup_epochs must be a non-negative integer"),
         (dict(elbo="iwae", beta=0.5), r"IWAE bound .* beta=1 and no KL warm-up"),
         (dict(elbo="iwae", kl_warmup_epochs=2), r"IWAE bound .* beta=1 and no KL warm-up"),
+        (dict(free_bits=-1.0), "free_bits must be a non-negative number"),
+        (dict(free_bits=math.nan), "free_bits must be a non-negative number"),
+        (dict(free_bits=2.0, elbo="iwae"), r"free bits .* need elbo='trace' and num_particles=1"),
+        (dict(free_bits=2.0, elbo="meanfield"), r"free bits .* need elbo='trace' and num_particles=1"),
+        (dict(free_bits=2.0, num_particles=3), r"free bits .* need elbo='trace' and num_particles=1"),
         (dict(network=dict(latent_dim=0)), "latent_dim must be a positive integer"),
     ],
 )
