@@ -1,6 +1,7 @@
 """The Pyro VAE: shapes, devices, the ELBO it defines (checked against torch.distributions),
 use inside a plain SVI loop, user priors and likelihoods, training on real MNIST, bad input."""
 
+import functools
 import json
 import math
 
@@ -200,6 +201,17 @@ def test_a_site_under_its_free_bits_gets_no_gradient_from_its_kl(images):
     for name, param in vae.named_parameters():
         torch.testing.assert_close(floored[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert floored["encoder.layers.0.weight"].abs().sum() > 0  # the reconstruction still trains the encoder
+
+
+def test_pyro_svi_trains_with_the_free_bits_loss(images):
+    vae = make_vae()
+    x = images[:32]
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), loss=functools.partial(free_bits_loss, free_bits=1.0))
+    first = svi.step(x)
+    for _ in range(30):
+        last = svi.step(x)
+    assert last < first - 100
+    assert {key.split("$$$")[0] for key in pyro.get_param_store().keys()} == {f"{vae.name}.encoder", f"{vae.name}.decoder"}
 
 
 def test_training_uses_the_free_bits_and_validation_the_plain_elbo(mnist):
