@@ -29,9 +29,10 @@ def test_rows_follow_the_paper():
     assert StagedDecay(3280).stage_ends() == [1, 4, 13, 40, 121, 364, 1093, 3280]
     two_layer, _ = quality.configs("vae2", quality.SCHEDULES["paper"])
     assert (two_layer.network.hidden, two_layer.network.latent_dim, two_layer.top_hidden, two_layer.top_latent_dim) == ((200, 200), 100, (100, 100), 50)
-    for schedule in quality.SCHEDULES.values():  # the free-bits rows change nothing else of the two-layer row
-        for row, free_bits in (("vae2-fb2", 2.0), ("vae2-fb6", 6.0)):
-            assert quality.configs(row, schedule) == (replace(quality.configs("vae2", schedule)[0], free_bits=free_bits), quality.configs("vae2", schedule)[1])
+    for schedule in quality.SCHEDULES.values():  # the free-bits rows change nothing else of the row they add them to
+        for row, base, free_bits in (("vae2-fb2", "vae2", 2.0), ("vae2-fb6", "vae2", 6.0), ("vae-fb2", "vae", 2.0)):
+            model, training = quality.configs(base, schedule)
+            assert quality.configs(row, schedule) == (replace(model, free_bits=free_bits), training)
     assert quality.configs("iaf", quality.SCHEDULES["paper"])[0].posterior == "iaf"
     assert quality.configs("vamp", quality.SCHEDULES["paper"])[0].num_pseudo_inputs == 500
     assert quality.configs("vamp", quality.SCHEDULES["cpu"])[0].num_pseudo_inputs == 100  # the CPU budget's choice

@@ -211,7 +211,7 @@ def test_pyro_svi_trains_with_the_free_bits_loss(images):
     for _ in range(30):
         last = svi.step(x)
     assert last < first - 100
-    assert {key.split("$$$")[0] for key in pyro.get_param_store().keys()} == {f"{vae.name}.encoder", f"{vae.name}.decoder"}
+    assert {f"{vae.name}.encoder", f"{vae.name}.decoder"} <= {key.split("$$$")[0] for key in pyro.get_param_store().keys()}
 
 
 def test_training_uses_the_free_bits_and_validation_the_plain_elbo(mnist):
