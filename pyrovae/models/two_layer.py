@@ -18,7 +18,8 @@ latent_dim=100, activation="tanh"), top_latent_dim=50, top_hidden=(100, 100))``:
 and ``top_decoder`` are :class:`~pyrovae.nets.GaussianMLP` between z1 and z2.
 
 Everything else is the :class:`~pyrovae.models.vae.VAE`'s: the ELBOs (Trace_ELBO, TraceMeanField_ELBO,
-the IWAE bound), beta (which scales both latent sites, hence the whole KL) and warm-up,
+the IWAE bound), beta (which scales both latent sites, hence the whole KL), warm-up and free bits (a floor for
+each site's KL term in training, which keeps z2 in use: see docs/quality.md),
 parameters in Pyro's param store under the model's ``name`` (default ``"vae2"``, ``"vae2_1"``, ...).
 The importance-sampled log-likelihood of :mod:`pyrovae.evaluation` weighs the joint latent
 ``(z1, z2)``: ``log p(x|z1) + log p(z1|z2) + log p(z2) - log q(z1|x) - log q(z2|z1)``.

@@ -421,7 +421,8 @@ class VAE(AutoencoderMixin, PyroModule):
     def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor | float]:
         """One step of the configured ELBO on ``x: (B, C, H, W)``, the batch standing for ``progress.num_data`` images.
 
-        Figures: ``loss`` (the negative ELBO per image) and ``kl_weight`` (beta after warm-up).
+        Figures: ``loss`` (the negative ELBO per image; with ``config.free_bits``, the loss with their floor,
+        which is not a bound) and ``kl_weight`` (beta after warm-up).
         """
         weight = _warmed_up_kl_weight(self.config, progress)
         with _kl_weight_set(self, weight):
