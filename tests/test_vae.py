@@ -22,8 +22,8 @@ from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, NormalLikelihood
 from pyrovae.models import MODELS, VAE, VAEConfig, build_model, config_from_dict, config_to_dict
 from pyrovae.models.vae import free_bits_loss
-from pyrovae.training import Trainer, TrainingConfig
 from pyrovae.priors import PRIORS
+from pyrovae.training import Trainer, TrainingConfig
 
 L = 8
 
