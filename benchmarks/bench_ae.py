@@ -40,7 +40,7 @@ def bench_ae(settings: Settings, epochs: int | None = None, subset: int | None =
     epochs = epochs or (3 if settings.quick else 5)
     if data is None:
         data = load_mnist(settings, subset=subset, quick_subset=20_000)
-    x = data.train
+    x = data.train[:]
     n = len(x)
     contenders = {"pyrovae": pyrovae_ae_runner(settings, x, batch_size, lr), "reference": reference_ae_runner(settings, x, batch_size, lr)}
     times = interleave(contenders, epochs)

@@ -128,7 +128,7 @@ def _memory_child(data_dir: str, device: str, num_images: int, num_samples: int,
     from pyrovae.evaluation import log_likelihood
 
     device = torch.device(device)
-    x = load_dataset("mnist", root=data_dir, device=device, subset=num_images, seed=seed).test
+    x = load_dataset("mnist", root=data_dir, device=device, subset=num_images, seed=seed).test[:]
     vae = _vae(Settings(device=device, seed=seed))
     before = _rss_bytes()
     start = time.perf_counter()

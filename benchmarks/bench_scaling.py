@@ -49,7 +49,7 @@ def bench_scaling(settings: Settings, batch_sizes=None, widths=None, subset: int
     epochs = epochs or (2 if settings.quick else 3)
     if data is None:
         data = load_mnist(settings, subset=subset, quick_subset=10_000)
-    x = data.train
+    x = data.train[:]
     points = {(b, 400) for b in batch_sizes} | {(256, w) for w in widths}
     rows = [_point(settings, x, b, w, epochs) for b, w in sorted(points)]
     rate = max(best_rates(settings.device).values())  # one rate for all points, the best seen: a true lower bound

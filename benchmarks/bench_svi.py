@@ -153,7 +153,7 @@ def bench_svi(
     epochs = epochs or (3 if settings.quick else 5)
     if data is None:
         data = load_mnist(settings, subset=subset, quick_subset=20_000)
-    x = data.train
+    x = data.train[:]
     n = len(x)
     result: dict = {"images": n, "batch_size": batch_size, "epochs_timed": epochs, "device": str(settings.device)}
     for elbo in elbos:

@@ -158,7 +158,8 @@ def load_mnist(settings: Settings, subset: int | None = None, quick_subset: int 
     data = _MNIST[key]
     if subset is None:
         return data
-    return dataclasses.replace(data, train=data.train[:subset], train_labels=data.train_labels[:subset], test=data.test[:subset], test_labels=data.test_labels[:subset])
+    first = slice(0, subset)
+    return dataclasses.replace(data, train=data.train.select(first), train_labels=data.train_labels[first], test=data.test.select(first), test_labels=data.test_labels[first])
 
 
 def machine_info(device: torch.device) -> dict:

@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
     model, history = train(args.row, schedule, folder, data, device)
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
-    value = nll(model, data.test, schedule.nll_samples, folder)
+    value = nll(model, data.test[:], schedule.nll_samples, folder)
     result = {
         "row": args.row,
         "schedule": args.schedule,

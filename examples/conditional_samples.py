@@ -46,7 +46,7 @@ def main():
     data = load_dataset("mnist")
     classifier = train_classifier(data)
     with torch.no_grad():
-        test_accuracy = (classifier(data.test).argmax(1) == data.test_labels).double().mean().item()
+        test_accuracy = (classifier(data.test[:]).argmax(1) == data.test_labels).double().mean().item()
         torch.manual_seed(args.seed)
         wanted = torch.arange(cvae.num_classes).repeat_interleave(args.per_class)
         images = cvae.sample(len(wanted), wanted)  # (K * per_class, 1, 28, 28)

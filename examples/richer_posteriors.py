@@ -62,8 +62,8 @@ def main():
         Trainer(model, TrainingConfig(epochs=args.epochs, batch_size=100, progress=False)).fit(data.train, dynamic_binarization=True)
         model.eval()
         torch.manual_seed(0)
-        elbo = test_elbo(model, data.test)["elbo"]
-        nll = -log_likelihood(model, data.test, num_samples=args.nll_samples).mean().item()
+        elbo = test_elbo(model, data.test[:])["elbo"]
+        nll = -log_likelihood(model, data.test[:], num_samples=args.nll_samples).mean().item()
         print(f"{name:<16}{elbo:>11.2f}{nll:>9.2f}", flush=True)
 
 

@@ -73,7 +73,7 @@ def main():
                            likelihood=likelihood if likelihood in LIKELIHOODS else "bernoulli")
         vae = VAE(config, **objects).to(args.device)
         Trainer(vae, TrainingConfig(epochs=args.epochs, progress=False)).fit(data.train)
-        elbo = test_elbo(vae.eval(), data.test)["elbo"]
+        elbo = test_elbo(vae.eval(), data.test[:])["elbo"]
         print(f"{prior:32s} {likelihood:26s} {elbo:17.2f}")
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "write_text_atomic"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "write_atomic", "write_text_atomic"]
 
 #: version of the checkpoint layout; :func:`load_checkpoint` refuses any other
 FORMAT_VERSION = 2
@@ -33,8 +33,9 @@ class CheckpointError(InputError):
     """A checkpoint is missing, damaged, unsafe, of another format version, or does not fit."""
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through ``write(file)`` so that readers see the old file or the whole new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -56,7 +57,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`save_checkpoint`."""
-    _atomic_write(Path(path), lambda file: file.write(text.encode("utf-8")))
+    write_atomic(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -64,7 +65,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     if not isinstance(state, dict):
         raise InputError(f"a checkpoint is a dict, got {type(state).__name__}")
     payload = {**state, "format_version": FORMAT_VERSION}
-    _atomic_write(Path(path), lambda file: torch.save(payload, file))
+    write_atomic(path, lambda file: torch.save(payload, file))
 
 
 def _unpickler_reason(error: Exception) -> str:

@@ -37,7 +37,7 @@ import torch
 
 from . import plots
 from .checkpoints import write_text_atomic
-from .data import BINARIZATION, DATASETS, DatasetNotFoundError, load_dataset
+from .data import BINARIZATION, DATASETS, STORAGES, TEST_FRACTION, TEST_SPLIT_SEED, DatasetNotFoundError, load_dataset, load_images
 from .devices import resolve_device
 from .errors import InputError
 from .evaluation import PCA, evaluate
@@ -76,6 +76,8 @@ MODEL_OPTIONS = {
     "--top-latent-dim": "top_latent_dim",
     "--top-hidden": "top_hidden",
 }
+#: the file of a run folder that lists the image files left out by --skip-unreadable
+SKIPPED_FILE = "skipped_images.txt"
 #: what `pyrovae compare` can train: the models, and PCA as a linear baseline
 COMPARABLE = (*sorted(MODELS), "pca")
 COMPARE_DEFAULT = "vae,cvae,ae,sparse,stacked,denoising,aae,pca"
@@ -128,9 +130,27 @@ def _new_parent(title: str) -> tuple:
     return parent, parent.add_argument_group(title)
 
 
+def _image_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, got {text!r}")
+    return value
+
+
 def _data_parent() -> argparse.ArgumentParser:
-    parent, group = _new_parent("data")
-    group.add_argument("--dataset", type=_dataset_name, choices=sorted(DATASETS), default="mnist", help="dataset (default: %(default)s)")
+    parent, group = _new_parent("data (one of three sources: --dataset NAME, --data FOLDER, or --data ARRAY_FILE)")
+    group.add_argument("--dataset", type=_dataset_name, choices=sorted(DATASETS), default=None, help="a dataset by name, read with torchvision (celeba: from its files in DATA_DIR/celeba, centre-cropped; default: mnist)")
+    group.add_argument("--data", metavar="PATH", default=None, help="your own images instead of --dataset: a folder of images (class subfolders give labels, as torchvision's ImageFolder; a flat folder none) or an array file (.npy; .npz with x and optional y; .pt), uint8 0-255 or float in [0, 1], (N, H, W), (N, H, W, C) or (N, C, H, W)")
+    group.add_argument("--test-data", metavar="PATH", default=None, help="the test images for --data (the same kinds; the same class folders); default: hold out --test-fraction of --data")
+    group.add_argument("--test-fraction", type=float, default=None, help=f"share of --data held out for testing without --test-data, drawn with the fixed seed {TEST_SPLIT_SEED} (default: {TEST_FRACTION})")
+    group.add_argument("--image-size", type=_image_size, default=None, help="resize every image: the shorter side to S pixels, then the centre S x S crop (needed when the images differ in size; celeba: default 64)")
+    group.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the images to 1 (grey) or 3 (colour) channels (default: 3 if any image has colour, else 1)")
+    group.add_argument("--skip-unreadable", action="store_true", help="leave out image files that cannot be read, listed in RUN/skipped_images.txt (default: stop at the first, naming it)")
+    group.add_argument("--cache-dir", default=None, help="folder of the prepared images (decoded and resized once, as uint8) (default: $PYROVAE_CACHE or DATA_DIR/cache)")
+    group.add_argument("--storage", choices=STORAGES, default="auto", help="where the uint8 images live: on the training device, in host memory, or read batch by batch from a memory map of the prepared file (default: auto, the first that fits)")
     group.add_argument("--data-dir", default=None, help="folder holding the datasets (default: $PYROVAE_DATA or ./data)")
     group.add_argument("--binarize", choices=_or_none(BINARIZATION), default="none", help="pixel binarization (default: none, grey levels in [0, 1])")
     group.add_argument("--val-size", type=int, default=0, help="training images held out for validation, which --patience needs for early stopping (default: 0)")
@@ -250,19 +270,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_options(args) -> dict:
-    """The options of :func:`pyrovae.data.load_dataset`; a run folder keeps them to load its data again."""
-    return {
-        "name": args.dataset,
-        "root": args.data_dir,
+    """The options of :func:`pyrovae.data.load_dataset` (``"name"``) or :func:`pyrovae.data.load_images`
+    (``"source"``, with ``"test"`` or the held-out ``"test_fraction"`` and its seed); a run folder keeps them
+    to load its data again."""
+    if args.data is not None and args.dataset is not None:
+        raise InputError(f"--data {args.data} and --dataset {args.dataset} name two sources: give one")
+    if args.data is None and (args.test_data is not None or args.test_fraction is not None or args.skip_unreadable):
+        given = [flag for flag, value in (("--test-data", args.test_data), ("--test-fraction", args.test_fraction), ("--skip-unreadable", args.skip_unreadable)) if value]
+        raise InputError(f"{' and '.join(given)} apply to your own images (--data PATH); a named --dataset has its own test split")
+    if args.test_data is not None and args.test_fraction is not None:
+        raise InputError("--test-data gives the test images; --test-fraction holds some out of --data instead: give one")
+    common = {
         "binarize": _none(args.binarize),
         "val_size": args.val_size,
         "subset": args.subset,
         "seed": args.seed,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "storage": args.storage,
+        "cache_dir": None if args.cache_dir is None else str(Path(args.cache_dir).resolve()),
     }
+    if args.data is None:
+        return {"name": args.dataset or "mnist", "root": args.data_dir, **common}
+    test = {"test": str(Path(args.test_data).resolve())} if args.test_data is not None else {
+        "test_fraction": args.test_fraction if args.test_fraction is not None else TEST_FRACTION, "test_split_seed": TEST_SPLIT_SEED}
+    return {"source": str(Path(args.data).resolve()), **test, "skip_unreadable": args.skip_unreadable, **common}
 
 
-def _load_data(options: dict, device):
-    return load_dataset(device=device, **options)
+def _load_data(options: dict, device, progress: bool = True):
+    """The data of ``options`` (from :func:`_data_options`, or a run folder's config)."""
+    options = dict(options)
+    if "source" in options:
+        if options.pop("test_split_seed", TEST_SPLIT_SEED) != TEST_SPLIT_SEED:
+            raise InputError(f"the run held out its test images with another seed than this pyrovae's ({TEST_SPLIT_SEED})")
+        return load_images(options.pop("source"), options.pop("test", None), device=device, progress=progress, **options)
+    return load_dataset(device=device, progress=progress, **options)
 
 
 def _network_config(args, image_shape, model: str | None = None) -> NetworkConfig:
@@ -315,7 +357,7 @@ def _run_metadata(folder: Path) -> dict:
         raise InputError(f"{folder} is not a run folder: it has no {CONFIG_FILE} (train one with `pyrovae train --out {folder}`)")
     try:
         metadata = json.loads(config_file.read_text())["metadata"]
-        metadata["data"]["name"]
+        metadata["data"]["name" if "name" in metadata["data"] else "source"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise InputError(f"{config_file} does not say how the run loaded its data: was it written by `pyrovae train`?") from None
     return metadata
@@ -329,6 +371,14 @@ def _load_run(run: str, device):
     options = _run_metadata(folder)["data"]
     model, _ = load_model(folder)
     return model.to(device).eval(), _load_data(options, device)
+
+
+def _check_labelled(names, data) -> None:
+    """Refuse models that need labels (a conditional model) for unlabelled images, before anything is trained."""
+    conditional = [name for name in names if name in MODELS and MODELS[name][0].conditional]
+    if conditional and not data.labelled:
+        raise InputError(f"--model {' and '.join(conditional)} models images given their labels, and {data.name} has none: "
+                         "give class subfolders (or y in the .npz), or another model")
 
 
 def _fit_labels(model, data, test_images: int = 0) -> dict:
@@ -346,7 +396,8 @@ def _fit_labels(model, data, test_images: int = 0) -> dict:
 def _figures(model, data, history, folder: Path) -> list[str]:
     """Write the run's figures into ``folder``; their file names."""
     written = []
-    x = data.test
+    x = data.test[:2000]  # floats on the device
+    labels = data.test_labels
     plots.reconstructions(model, x, path=folder / "reconstructions.png", labels=data.test_labels)
     written.append("reconstructions.png")
     if not model.conditional:  # a conditional model's codes decode given a label: no line between images of two classes
@@ -356,8 +407,9 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     # principal axes, which show their structure (an isotropic prior's axes are arbitrary)
     with torch.no_grad():
         prior_samples = model.prior().sample((2000,)) if isinstance(model, AAE) else None
-    plots.latent_scatter(model, x[:2000], data.test_labels[:2000], path=folder / "latent.png", prior_samples=prior_samples)
-    written.append("latent.png")
+    if labels is not None:  # the codes coloured by class
+        plots.latent_scatter(model, x, labels[:2000], path=folder / "latent.png", prior_samples=prior_samples)
+        written.append("latent.png")
     if model.conditional:
         plots.class_samples(model, path=folder / "samples.png")
         written.append("samples.png")
@@ -402,7 +454,8 @@ def cmd_train(args) -> None:
             raise InputError(f"{folder} already holds a run: continue it with --resume, or choose another --out")
         training = _training_config(args)
         options = _data_options(args)
-        data = _load_data(options, device)
+        data = _load_data(options, device, progress=not args.no_progress)
+        _check_labelled([args.model], data)
         model_options = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if hasattr(args, field)}
         config = _model_config(args.model, _network_config(args, data.image_shape, args.model), model_options)
         torch.manual_seed(args.seed)  # the initial weights follow --seed too
@@ -426,6 +479,9 @@ def cmd_train(args) -> None:
         return
     results["training_seconds"] = round(seconds, 2)
     results["figures"] = _figures(model, data, history, folder)
+    if data.skipped:
+        write_text_atomic(folder / SKIPPED_FILE, "".join(f"{path}\n" for path in data.skipped))
+        results["skipped_images"] = len(data.skipped)
     _write_json(folder / "summary.json", results)
     print(_format_table([results], [k for k in results if k != "figures"]))
     print(f"run written to {folder}")
@@ -476,7 +532,7 @@ def cmd_interpolate(args) -> None:
     index = torch.randperm(len(data.test), generator=generator)[: 2 * args.pairs]
     if len(index) < 2 * args.pairs:
         raise InputError(f"--pairs {args.pairs} needs {2 * args.pairs} test images, the run's test set has {len(data.test)}")
-    plots.interpolations(model, data.test[index.to(data.test.device)], steps=args.steps, pairs=args.pairs, path=args.output)
+    plots.interpolations(model, data.test[index], steps=args.steps, pairs=args.pairs, path=args.output)
     print(f"wrote {args.output}")
 
 
@@ -489,7 +545,8 @@ def cmd_compare(args) -> None:
     device = resolve_device(args.device)
     training = _training_config(args)
     options = _data_options(args)
-    data = _load_data(options, device)
+    data = _load_data(options, device, progress=not args.no_progress)
+    _check_labelled(args.models, data)
     network = _network_config(args, data.image_shape)
 
     rows, trained = [], {}
@@ -515,7 +572,7 @@ def cmd_compare(args) -> None:
     header = f"# Comparison on {data.name}: {args.epochs} epochs, latent {network.latent_dim}, {'conv' if network.conv else 'MLP ' + str(list(network.hidden))}\n\n"
     (folder / "comparison.md").write_text(header + table + "\n")
     _write_json(folder / "comparison.json", rows)
-    plots.comparison(trained, data.test, path=folder / "comparison.png", labels=data.test_labels)
+    plots.comparison(trained, data.test[:8], path=folder / "comparison.png", labels=None if data.test_labels is None else data.test_labels[:8])
     print(table)
     print(f"wrote {folder / 'comparison.md'} and {folder / 'comparison.png'}")
 

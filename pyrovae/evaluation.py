@@ -36,7 +36,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from .data import ImageData
+from .data import ImageData, ImageSet
 from .errors import InputError
 from .likelihoods import check_observations
 from .models.base import evaluating
@@ -535,8 +535,10 @@ class PCA:
         self.explained_variance: Tensor | None = None  # (L,), variance along each component
         self.input_shape: tuple[int, ...] | None = None
 
-    def fit(self, x: Tensor, batch_size: int = 10000) -> "PCA":
-        """Fit to ``x: (N, *shape)``; returns ``self``."""
+    def fit(self, x: Tensor | ImageSet, batch_size: int = 10000) -> "PCA":
+        """Fit to ``x: (N, *shape)`` (a tensor, or an :class:`~pyrovae.data.ImageSet` read in batches); returns ``self``."""
+        if isinstance(x, ImageSet):
+            return self._fit_batches(x, batch_size)
         if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
             raise InputError(f"PCA.fit expects a float tensor (N, ...) of at least two dimensions, got {getattr(x, 'shape', type(x).__name__)}")
         n, features = len(x), math.prod(x.shape[1:])
@@ -550,11 +552,29 @@ class PCA:
         for start in range(0, n, batch_size):
             centred = flat[start : start + batch_size].double() - mean
             covariance += centred.T @ centred
-        variances, vectors = torch.linalg.eigh(covariance / max(n - 1, 1))  # ascending
-        self.mean = mean.to(x.dtype)
-        self.components = vectors[:, -self.latent_dim :].flip(1).T.contiguous().to(x.dtype)
-        self.explained_variance = variances[-self.latent_dim :].flip(0).clamp_min(0).to(x.dtype)
-        self.input_shape = tuple(x.shape[1:])
+        return self._set(mean, covariance / max(n - 1, 1), tuple(x.shape[1:]), x.dtype)
+
+    def _fit_batches(self, images: ImageSet, batch_size: int) -> "PCA":
+        """:meth:`fit` on ``images`` read ``batch_size`` at a time: the mean, then the covariance, in float64."""
+        n, features = len(images), math.prod(images.image_shape)
+        if self.latent_dim > min(n, features):
+            raise InputError(f"cannot keep {self.latent_dim} components of {n} examples with {features} features; use latent_dim <= {min(n, features)}")
+        total = 0.0
+        for start in range(0, n, batch_size):
+            total = total + images[start : start + batch_size].flatten(1).double().sum(0)
+        mean = total / n
+        covariance = torch.zeros(features, features, dtype=torch.float64, device=images.device)
+        for start in range(0, n, batch_size):
+            centred = images[start : start + batch_size].flatten(1).double() - mean
+            covariance += centred.T @ centred
+        return self._set(mean, covariance / max(n - 1, 1), images.image_shape, images.dtype)
+
+    def _set(self, mean: Tensor, covariance: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> "PCA":
+        variances, vectors = torch.linalg.eigh(covariance)  # ascending
+        self.mean = mean.to(dtype)
+        self.components = vectors[:, -self.latent_dim :].flip(1).T.contiguous().to(dtype)
+        self.explained_variance = variances[-self.latent_dim :].flip(0).clamp_min(0).to(dtype)
+        self.input_shape = tuple(shape)
         return self
 
     def _check_fitted(self) -> None:
@@ -600,25 +620,29 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
     A conditional model (the CVAE) is given the test labels throughout: ``"elbo"`` and ``"nll"`` are
     of ``log p(x|y)``, reconstructions use each image's label, and the codes (probe, MMD) are those of q(z|x, y).
+    Unlabelled images (``data.train_labels`` is ``None``) have no ``"probe_accuracy"``. The test images
+    are made floats at once (on their device); the training images, which the probe encodes, batch by batch.
     """
     if not isinstance(num_samples, int) or num_samples < 0:
         raise InputError(f"num_samples must be a non-negative integer, got {num_samples!r}")
     results: dict = {}
     conditional = getattr(model, "conditional", False)
     labels = data.test_labels if conditional else None
+    test = data.test[:] if isinstance(data.test, ImageSet) else data.test
     with evaluating(model):
         if _is_pyro_model(model):
-            results.update(test_elbo(model, data.test, labels=labels))
+            results.update(test_elbo(model, test, labels=labels))
             if num_samples > 0:
-                results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples, labels=labels).double().mean().item()
-        results.update(reconstruction_error(model, data.test, labels=labels))
+                results["nll"] = -log_likelihood(model, test, num_samples=num_samples, labels=labels).double().mean().item()
+        results.update(reconstruction_error(model, test, labels=labels))
         if not isinstance(model, PCA):
-            results["prior_mmd"] = prior_mmd(model, data.test[:MMD_IMAGES], labels=None if labels is None else labels[:MMD_IMAGES])
+            results["prior_mmd"] = prior_mmd(model, test[:MMD_IMAGES], labels=None if labels is None else labels[:MMD_IMAGES])
         if conditional:  # data may sit on another device than the model
             encode = lambda images, y: model.encode(images.to(model.device), y.to(model.device))  # noqa: E731
         else:
             encode = lambda images: model.encode(images.to(model.device))  # noqa: E731
-        results["probe_accuracy"] = linear_probe(
-            encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional
-        )
+        if data.train_labels is not None and data.test_labels is not None:
+            results["probe_accuracy"] = linear_probe(
+                encode, data.train, data.train_labels, test, data.test_labels, encode_with_labels=conditional
+            )
     return results

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import cuda
-from pyrovae.data import EVAL_BINARIZATION_SEED, DatasetNotFoundError, ImageData, batches, default_data_dir, load_dataset
+from pyrovae.data import EVAL_BINARIZATION_SEED, DatasetNotFoundError, ImageData, ImageSet, batches, default_data_dir, load_dataset
 
 
 def projections(images):
@@ -22,39 +22,42 @@ def projections(images):
 
 def test_mnist_slice_shapes_dtypes_and_range(mnist):
     assert isinstance(mnist, ImageData) and mnist.name == "mnist"
-    for images, labels in [(mnist.train, mnist.train_labels), (mnist.test, mnist.test_labels)]:
+    for images, labels in [(mnist.train[:], mnist.train_labels), (mnist.test[:], mnist.test_labels)]:
         assert images.shape == (300, 1, 28, 28) and images.dtype == torch.float32
         assert labels.shape == (300,) and labels.dtype == torch.int64
         assert images.min() == 0 and images.max() == 1
         assert set(labels.tolist()) == set(range(10))
-    assert ((mnist.train > 0) & (mnist.train < 1)).any()  # grey levels kept
+    assert ((mnist.train[:] > 0) & (mnist.train[:] < 1)).any()  # grey levels kept
     assert mnist.val is None and mnist.val_labels is None and not mnist.dynamic_binarization
     assert mnist.image_shape == (1, 28, 28)
+    for split in (mnist.train, mnist.test):  # stored as uint8, a quarter of the floats' bytes, made floats per batch
+        assert isinstance(split, ImageSet) and split.stored_dtype == torch.uint8 and split.storage == "device"
+        assert split.resident_bytes == 300 * 784 and split.take(slice(0, 3)).dtype == torch.uint8
 
 
 def test_subset_keeps_the_first_images_of_the_seeded_shuffle(mnist, mnist_dir):
     small = load_dataset("MNIST", root=mnist_dir, subset=50, seed=0)
-    assert len(small.train) == len(small.test) == 50
-    torch.testing.assert_close(small.train, mnist.train[:50])
+    assert len(small.train[:]) == len(small.test[:]) == 50
+    torch.testing.assert_close(small.train[:], mnist.train[:50])
     torch.testing.assert_close(small.train_labels, mnist.train_labels[:50])
     other = load_dataset("mnist", root=mnist_dir, subset=50, seed=1)
-    assert not torch.equal(other.train, small.train)
+    assert not torch.equal(other.train[:], small.train[:])
 
 
 def test_validation_split_is_disjoint_from_training(mnist_dir):
     data = load_dataset("mnist", root=mnist_dir, val_size=100)
-    assert len(data.train) == 59_900 and len(data.val) == len(data.val_labels) == 100
-    assert len(data.test) == 10_000
-    train, val = projections(data.train), projections(data.val)
+    assert len(data.train[:]) == 59_900 and len(data.val[:]) == len(data.val_labels) == 100
+    assert len(data.test[:]) == 10_000
+    train, val = projections(data.train[:]), projections(data.val[:])
     assert not torch.isin(val, train).any()
     assert len(torch.unique(torch.cat([train, val]))) == 60_000  # together: the whole training set
 
 
 def test_validation_split_with_subset(mnist_dir):
     data = load_dataset("mnist", root=mnist_dir, val_size=100, subset=300)
-    assert data.train.shape == (300, 1, 28, 28) and data.val.shape == (100, 1, 28, 28)
+    assert data.train[:].shape == (300, 1, 28, 28) and data.val[:].shape == (100, 1, 28, 28)
     assert data.val_labels.shape == (100,)
-    assert not torch.isin(projections(data.val), projections(data.train)).any()
+    assert not torch.isin(projections(data.val[:]), projections(data.train[:])).any()
 
 
 def test_static_binarization_is_binary_and_repeatable(mnist, mnist_dir):
@@ -62,47 +65,47 @@ def test_static_binarization_is_binary_and_repeatable(mnist, mnist_dir):
     b = load_dataset("mnist", root=mnist_dir, subset=300, binarize="static", seed=0)
     c = load_dataset("mnist", root=mnist_dir, subset=300, binarize="static", seed=1)
     for split in ("train", "test"):
-        assert set(getattr(a, split).unique().tolist()) == {0.0, 1.0}
-        torch.testing.assert_close(getattr(a, split), getattr(b, split))
-    assert not torch.equal(a.train, c.train)  # the training draw follows the run's seed ...
-    assert torch.equal(a.test, c.test)  # ... the test draw does not
+        assert set(getattr(a, split)[:].unique().tolist()) == {0.0, 1.0}
+        torch.testing.assert_close(getattr(a, split)[:], getattr(b, split)[:])
+    assert not torch.equal(a.train[:], c.train[:])  # the training draw follows the run's seed ...
+    assert torch.equal(a.test[:], c.test[:])  # ... the test draw does not
     # a draw of Bernoulli(pixel): black stays black, white stays white, the mean is kept
-    assert (a.train[mnist.train == 0] == 0).all() and (a.train[mnist.train == 1] == 1).all()
-    assert abs(a.train.mean() - mnist.train.mean()) < 0.01
+    assert (a.train[mnist.train[:] == 0] == 0).all() and (a.train[mnist.train[:] == 1] == 1).all()
+    assert abs(a.train[:].mean() - mnist.train[:].mean()) < 0.01
 
 
 def test_dynamic_binarization_keeps_grey_levels_and_flags_batches(mnist, mnist_dir):
     data = load_dataset("mnist", root=mnist_dir, subset=300, binarize="dynamic")
     assert data.dynamic_binarization
-    torch.testing.assert_close(data.train, mnist.train)
+    torch.testing.assert_close(data.train[:], mnist.train[:])
 
 
 def test_binarized_runs_are_scored_on_one_fixed_binary_test_set(mnist, mnist_dir):
     """Binary, the same across calls, training seeds, subsets and both binarizations; a Bernoulli draw of the grey test set."""
     runs = [load_dataset("mnist", root=mnist_dir, subset=300, binarize=b, seed=s) for b in ("dynamic", "static") for s in (0, 7)]
     for data in runs:
-        assert set(data.test.unique().tolist()) == {0.0, 1.0}
-        assert torch.equal(data.test, runs[0].test)
+        assert set(data.test[:].unique().tolist()) == {0.0, 1.0}
+        assert torch.equal(data.test[:], runs[0].test[:])
         assert EVAL_BINARIZATION_SEED == 0 and "seed 0" in data.protocol and data.binarization in data.protocol
     small = load_dataset("mnist", root=mnist_dir, subset=50, binarize="dynamic")
-    assert torch.equal(small.test, runs[0].test[:50])
-    grey = mnist.test  # the same images, grey: the draw keeps black and white and the mean
+    assert torch.equal(small.test[:], runs[0].test[:50])
+    grey = mnist.test[:]  # the same images, grey: the draw keeps black and white and the mean
     assert (runs[0].test[grey == 0] == 0).all() and (runs[0].test[grey == 1] == 1).all()
-    assert abs(runs[0].test.mean() - grey.mean()) < 0.01
+    assert abs(runs[0].test[:].mean() - grey.mean()) < 0.01
 
 
 def test_grey_level_runs_keep_grey_test_images(mnist):
     assert mnist.binarization is None and "grey levels" in mnist.protocol
-    assert len(mnist.test.unique()) > 2
+    assert len(mnist.test[:].unique()) > 2
 
 
 def test_validation_images_are_binarized_once_with_the_fixed_seed(mnist_dir):
     a = load_dataset("mnist", root=mnist_dir, subset=100, val_size=500, binarize="dynamic", seed=3)
     b = load_dataset("mnist", root=mnist_dir, subset=100, val_size=500, binarize="dynamic", seed=3)
     grey = load_dataset("mnist", root=mnist_dir, subset=100, val_size=500, seed=3)
-    assert set(a.val.unique().tolist()) == {0.0, 1.0} and torch.equal(a.val, b.val)
-    assert (a.val[grey.val == 0] == 0).all() and (a.val[grey.val == 1] == 1).all()
-    assert len(a.train.unique()) > 2  # dynamic: the training images stay grey
+    assert set(a.val[:].unique().tolist()) == {0.0, 1.0} and torch.equal(a.val[:], b.val[:])
+    assert (a.val[grey.val[:] == 0] == 0).all() and (a.val[grey.val[:] == 1] == 1).all()
+    assert len(a.train[:].unique()) > 2  # dynamic: the training images stay grey
 
 
 def ramp(n):
@@ -259,7 +262,7 @@ def test_default_data_dir(monkeypatch, tmp_path):
 @cuda
 def test_load_and_batch_on_cuda(mnist_dir):
     data = load_dataset("mnist", root=mnist_dir, subset=64, device="cuda", binarize="static")
-    for tensor in (data.train, data.train_labels, data.test, data.test_labels):
+    for tensor in (data.train[:], data.train_labels, data.test[:], data.test_labels):
         assert tensor.device.type == "cuda"
     for batch in batches(data.train, 16, torch.Generator().manual_seed(0), binarize=True):
         assert batch.device.type == "cuda" and batch.shape == (16, 1, 28, 28)

@@ -201,7 +201,7 @@ def test_two_processes_train_to_one_process_parameters(tmp_path, mnist, monkeypa
     """AE, VAE and CVAE (labels sharded too), an uneven last batch: the same weights and history as one process;
     the test ELBO and NLL of the trained VAE, shared between the processes, agree with one process's (up to their
     random draws) and are the same on both ranks."""
-    train, labels = mnist.train, mnist.train_labels
+    train, labels = mnist.train[:], mnist.train_labels
     _spawn(_equality_worker, tmp_path, train, labels, str(tmp_path / "two.pt"))
     two, other_rank = (torch.load(f"{tmp_path / 'two.pt'}.{rank}", weights_only=False) for rank in range(WORLD))
     monkeypatch.setattr(pyro_dist.Normal, "rsample", rsample_without_rng)
@@ -228,7 +228,7 @@ def test_two_processes_train_to_one_process_parameters(tmp_path, mnist, monkeypa
 
 def test_sigterm_on_one_rank_stops_both_with_a_checkpoint_and_resume_is_bitwise(tmp_path, mnist):
     """And a NaN loss on one rank raises the same TrainingError on both."""
-    _spawn(_sigterm_worker, tmp_path, mnist.train, str(tmp_path), str(tmp_path / "out"))
+    _spawn(_sigterm_worker, tmp_path, mnist.train[:], str(tmp_path), str(tmp_path / "out"))
     ranks = [torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=False) for rank in range(WORLD)]
     assert ranks[0]["failure"] == ranks[1]["failure"] and "step 3 of 5" in ranks[0]["failure"]
     for result in ranks:
@@ -273,7 +273,7 @@ def test_a_global_batch_smaller_than_the_processes_is_refused(mnist):
     trainer._ranks = (0, 3)  # as fit sets it under 3 processes: 300 images make 3 batches of 100, 301 leave 1 for the last
     trainer._check_data({"train": (mnist.train, None), "val": (None, None), "test": (None, None)}, False)
     with pytest.raises(InputError, match="each needs at least 3 images"):
-        trainer._check_data({"train": (torch.cat([mnist.train, mnist.train[:1]]), None), "val": (None, None), "test": (None, None)}, False)
+        trainer._check_data({"train": (torch.cat([mnist.train[:], mnist.train[:1]]), None), "val": (None, None), "test": (None, None)}, False)
 
 
 @pytest.mark.parametrize("name", ["auto", "cuda", None])

@@ -538,7 +538,7 @@ def test_every_builtin_prior_and_likelihood(prior, likelihood, images):
 
 def test_short_training_run_lowers_the_loss(mnist):
     vae = make_vae()
-    data = mnist.train  # 300 images
+    data = mnist.train[:]  # 300 images
     elbo = Trace_ELBO()
 
     def loss_per_image():

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..data.batches import shard_bounds as data_shard_bounds
 from ..errors import InputError
 
 __all__ = [
@@ -81,11 +82,7 @@ def shard_bounds(n: int, rank_: int | None = None, world: int | None = None) -> 
     The first ``n % world`` ranks hold one item more; a rank holds none when ``n < world``.
     One process holds ``(0, n)``.
     """
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
-    small, extra = divmod(n, world)
-    start = rank_ * small + min(rank_, extra)
-    return start, start + small + (rank_ < extra)
+    return data_shard_bounds(n, rank() if rank_ is None else rank_, world_size() if world is None else world)
 
 
 #: an odd 64-bit constant (2^64 / golden ratio) that spreads the seeds of ranks apart

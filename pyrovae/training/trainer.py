@@ -12,7 +12,9 @@ Labels: a conditional model (``model.conditional``, the CVAE) trains on images a
 permutation, and hands them to the model's step and validation loss as ``y``. The loop itself is
 the same for every model.
 
-Speed: the data stays one tensor on the model's device, sliced by :func:`pyrovae.data.batches`;
+Speed: the data is an :class:`~pyrovae.data.ImageSet` (``uint8`` images on the model's device
+when they fit: MNIST stays one tensor there; else in host memory or a memory map), sliced by
+:func:`pyrovae.data.batches`, which makes each batch floats on the device;
 it is checked once with ``model.check_input`` before training, after which steps run with Pyro's
 validation off; the step's figures stay on the device and are read about once a second
 (non-finite values are found then, and reported with the step where they first appeared);
@@ -64,7 +66,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..checkpoints import CheckpointError
-from ..data import batches
+from ..data import ImageSet, batches
+from ..data.storage import as_image_set
 from ..errors import InputError
 from ..models import MODELS, config_to_dict
 from ..models.base import Phase, Progress, TrainableModel
@@ -127,6 +130,8 @@ class _Seen:
 
     @classmethod
     def of(cls, x) -> "_Seen | None":
+        if isinstance(x, ImageSet):  # the images it holds: a tensor (with its version) or an array
+            return cls(weakref.ref(x), x.images._version if isinstance(x.images, Tensor) else 0)
         return cls(weakref.ref(x), x._version) if isinstance(x, Tensor) else None
 
     def __eq__(self, other) -> bool:
@@ -182,6 +187,17 @@ class _Updater:
                 if p.grad is None and flag > 0:
                     p.grad = grad
         return total[0]
+
+
+#: images checked at once by ``model.check_input`` before training (all of them, chunk by chunk; of a memory map the first chunk)
+CHECK_IMAGES = 8192
+
+
+def _chunks(images: ImageSet):
+    """The float images of ``images`` in chunks of :data:`CHECK_IMAGES` (of a memory map: the first chunk only)."""
+    stop = min(len(images), CHECK_IMAGES) if images.storage == "mmap" else len(images)
+    for start in range(0, stop, CHECK_IMAGES):
+        yield images[start : min(start + CHECK_IMAGES, stop)]
 
 
 def _labelled(batch) -> tuple[Tensor, dict]:
@@ -271,16 +287,19 @@ class Trainer:
 
     def fit(
         self,
-        train: Tensor,
-        val: Tensor | None = None,
+        train: ImageSet | Tensor,
+        val: ImageSet | Tensor | None = None,
         dynamic_binarization: bool = False,
-        test: Tensor | None = None,
+        test: ImageSet | Tensor | None = None,
         *,
         train_labels: Tensor | None = None,
         val_labels: Tensor | None = None,
         test_labels: Tensor | None = None,
     ) -> list[dict]:
         """Train on ``train: (N, C, H, W)``; validate on ``val: (M, C, H, W)`` every ``config.eval_every`` epochs.
+
+        Each split is an :class:`~pyrovae.data.ImageSet` (``uint8`` images wherever they live, made
+        floats batch by batch on the model's device; see :mod:`pyrovae.data`) or a tensor of images.
 
         dynamic_binarization: train on a fresh ``Bernoulli(pixels)`` draw of every batch.
         test: images ``(T, C, H, W)`` scored like ``val`` (the model's validation loss) as the
@@ -341,24 +360,34 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _check_data(self, splits: dict, dynamic_binarization: bool) -> list:
-        """Check every image and label and move the data to the model's device; nothing is written before.
+        """Check every image and label and place the data for the model's device; nothing is written before.
 
         ``splits`` maps ``"train"``, ``"val"``, ``"test"`` to ``(images, labels)``; returns, in that
-        order, ``(images, labels)`` on the device for each split, ``None`` for a split without images.
-        The same tensors, unchanged since (same in-place version), are not checked again by a later fit.
+        order, ``(images, labels)`` for each split (the images an :class:`~pyrovae.data.ImageSet` drawing
+        batches on the device, the labels on the device), ``None`` for a split without images.
+        The same images, unchanged since (same in-place version), are not checked again by a later fit.
+        Images in a memory map are checked on their first :data:`CHECK_IMAGES` (the others are read
+        batch by batch; their values were checked when they were prepared).
         """
-        (train, _), (val, _), (test, _) = splits.values()
         key = (*(_Seen.of(t) for pair in splits.values() for t in pair), dynamic_binarization)
+        for name, (images, labels) in splits.items():
+            if images is not None and not isinstance(images, (Tensor, ImageSet)):
+                raise InputError(f"{name} must be images: an ImageSet or a tensor (N, C, H, W), got {type(images).__name__}")
+        placed = {name: (None if images is None else as_image_set(images, self.device), labels) for name, (images, labels) in splits.items()}
+        (train, _), (val, _), (test, _) = placed.values()
         if key != self._checked_data:
             if dynamic_binarization:
-                if not isinstance(train, Tensor) or not train.is_floating_point() or not bool(((train >= 0) & (train <= 1)).all()):
+                if not train.dtype.is_floating_point or not all(bool(((x >= 0) & (x <= 1)).all()) for x in _chunks(train)):
                     raise InputError("dynamic binarization draws Bernoulli(pixels): the training images must be floats in [0, 1]")
-                self.model.check_input((train[:1] > 0.5).to(train.dtype))  # batches will be binary images like this one
+                first = train[:1]
+                self.model.check_input((first > 0.5).to(first.dtype))  # batches will be binary images like this one
             else:
-                self.model.check_input(train)
+                for chunk in _chunks(train):
+                    self.model.check_input(chunk)
             for held_out in (val, test):
                 if held_out is not None:
-                    self.model.check_input(held_out)
+                    for chunk in _chunks(held_out):
+                        self.model.check_input(chunk)
             self._check_labels(splits)
             self._checked_data = key
         if self.config.batch_size > len(train):
@@ -375,8 +404,8 @@ class Trainer:
                 f"leaves {min(batch_size, last)} in a batch of the {len(train)} training images: choose another batch_size"
             )
         return [
-            None if images is None else (images.to(self.device), None if labels is None else labels.to(self.device))
-            for images, labels in splits.values()
+            None if images is None else (images, None if labels is None else labels.to(self.device))
+            for images, labels in placed.values()
         ]
 
     def _check_same_data(self, train: Tensor, val: Tensor | None, test: Tensor | None) -> None:
@@ -479,25 +508,24 @@ class Trainer:
         for column, name in enumerate(pos.figure_names):
             row[column] = figures[name]
 
-    def _train_epoch(self, train: Tensor, train_labels: Tensor | None, dynamic_binarization: bool) -> None:
+    def _train_epoch(self, train: ImageSet, train_labels: Tensor | None, dynamic_binarization: bool) -> None:
         pos, config, model = self._pos, self.config, self.model
         phase = self._phases()[pos.phase]
         steps = math.ceil(len(train) / config.batch_size)
+        rank, world = self._ranks
         self._generator.set_state(pos.epoch_rng)
-        epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization, labels=train_labels)
-        for _ in range(pos.step):  # an interrupted epoch: the same permutation (and binarization), from where it stopped
-            next(epoch_batches)
+        # an interrupted epoch goes on with the same permutation (and binarization) from where it stopped (first=);
+        # with W > 1 ranks each draws only its contiguous shard of every global batch, labels alike
+        epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization, labels=train_labels,
+                                shard=(rank, world) if world > 1 else None, first=pos.step)
         bar = tqdm(total=steps, initial=pos.step, desc=f"{phase.name} epoch {pos.epoch + 1}/{phase.epochs}", disable=not config.progress or not self._main, dynamic_ncols=True)
         update = self._updater
-        rank, world = self._ranks
         start = last_sync = time.perf_counter()
         try:
             for batch in epoch_batches:
                 x, given = _labelled(batch)
-                if world > 1:  # this rank's contiguous shard of the global batch, labels alike
-                    lo, hi = distributed.shard_bounds(len(x), rank, world)
-                    update.share = (hi - lo) / len(x)
-                    x, given = x[lo:hi], {name: value[lo:hi] for name, value in given.items()}
+                if world > 1:  # this rank's share of the global batch
+                    update.share = len(x) / min(config.batch_size, pos.n_train - pos.step * config.batch_size)
                 update.skipped = False
                 progress = Progress(num_data=pos.n_train, phase=phase.name, epochs_done=pos.phase_step / steps)
                 figures = model.training_step(x, update, progress, **given)
@@ -598,7 +626,7 @@ class Trainer:
         return {name: float(value) for name, value in zip(names, means)}
 
     @torch.no_grad()
-    def _validate(self, val: Tensor, labels: Tensor | None) -> float:
+    def _validate(self, val: ImageSet, labels: Tensor | None) -> float:
         """Loss per example on ``val`` (with its ``labels``, for a conditional model) in eval mode.
 
         With ``W > 1`` ranks each scores its contiguous shard of ``val`` and the sums are all-reduced.
@@ -609,7 +637,7 @@ class Trainer:
         rank, world = self._ranks
         lo, hi = distributed.shard_bounds(len(val), rank, world)  # all of val for one process
         if world == 1 or hi > lo:
-            for batch in batches(val[lo:hi], self.config.batch_size, shuffle=False, labels=None if labels is None else labels[lo:hi]):
+            for batch in batches(val.select(slice(lo, hi)), self.config.batch_size, shuffle=False, labels=None if labels is None else labels[lo:hi]):
                 x, given = _labelled(batch)
                 total = total + model.validation_loss(x, **given) * len(x)
         model.train()
