@@ -71,3 +71,39 @@ def mnist(mnist_dir):
 def images(mnist) -> torch.Tensor:
     """A fixed batch of 16 real MNIST images ``(16, 1, 28, 28)``."""
     return mnist.train[:16]
+
+
+#: photographs that ship with matplotlib (mpl-data/sample_data), cut into crops for the image-folder tests
+SAMPLE_PHOTOS = {"hopper": "grace_hopper.jpg", "pack": "Minduka_Present_Blue_Pack.png"}
+
+
+def write_photo_crops(folder: Path, per_class: int, seed: int = 0, classes: bool = True) -> list[Path]:
+    """Crops of matplotlib's sample photographs, of random sizes (24 to 60 pixels a side, not square), saved as
+    PNG and JPEG: into one class subfolder per photograph, or all into ``folder`` (``classes=False``)."""
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = []
+    for name, file in SAMPLE_PHOTOS.items():
+        with cbook.get_sample_data(file) as handle:
+            photo = Image.open(handle).convert("RGB")
+            photo.load()
+        target = folder / name if classes else folder
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            width, height = (int(v) for v in rng.integers(24, 61, size=2))
+            x, y = int(rng.integers(0, photo.width - width)), int(rng.integers(0, photo.height - height))
+            path = target / f"{name}{i:04d}.{'jpg' if i % 2 else 'png'}"
+            photo.crop((x, y, x + width, y + height)).save(path)
+            written.append(path)
+    return written
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    """A folder with two class subfolders of 12 colour crops each, of different sizes."""
+    folder = tmp_path / "photos"
+    write_photo_crops(folder, per_class=12)
+    return folder

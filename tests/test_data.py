@@ -31,7 +31,7 @@ def test_mnist_slice_shapes_dtypes_and_range(mnist):
     assert mnist.val is None and mnist.val_labels is None and not mnist.dynamic_binarization
     assert mnist.image_shape == (1, 28, 28)
     for split in (mnist.train, mnist.test):  # stored as uint8, a quarter of the floats' bytes, made floats per batch
-        assert isinstance(split, ImageSet) and split.stored_dtype == torch.uint8 and split.storage == "device"
+        assert isinstance(split, ImageSet) and split.stored_dtype == torch.uint8 and split.storage == "host"
         assert split.resident_bytes == 300 * 784 and split.take(slice(0, 3)).dtype == torch.uint8
 
 

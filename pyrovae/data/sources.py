@@ -433,7 +433,7 @@ def _check_values(images, shape, where: str, chunk: int = 4096) -> None:
     """Float images must be finite and in [0, 1] (read in chunks, so a memory map is not loaded whole)."""
     lo, hi = np.inf, -np.inf
     for start in range(0, shape[0], chunk):
-        part = torch.as_tensor(np.asarray(images[start : start + chunk]) if isinstance(images, np.ndarray) else images[start : start + chunk])
+        part = torch.as_tensor(np.array(images[start : start + chunk]) if isinstance(images, np.ndarray) else images[start : start + chunk])
         if not torch.isfinite(part).all():
             raise InputError(f"{where} of shape {shape} holds NaN or infinite values")
         lo, hi = min(lo, part.min().item()), max(hi, part.max().item())
@@ -519,7 +519,7 @@ def read_array(
 
     def chunks():
         for start in tqdm(range(0, shape[0], chunk), desc=f"preparing {path.name}", disable=not progress, unit="chunk", dynamic_ncols=True):
-            part = torch.as_tensor(np.ascontiguousarray(x[start : start + chunk]) if isinstance(x, np.ndarray) else x[start : start + chunk])
+            part = torch.as_tensor(np.array(x[start : start + chunk]) if isinstance(x, np.ndarray) else x[start : start + chunk])
             part = _as_nchw(part, layout)
             part = part if stored == np.uint8 else part.to(torch.float32)
             yield _convert(part, channels, resize).numpy()

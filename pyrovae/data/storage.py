@@ -90,10 +90,10 @@ class ImageSet:
 
     @property
     def storage(self) -> str:
-        """``"device"``, ``"host"`` or ``"mmap"``: where the images live (``"device"`` also for the CPU when it is the device)."""
+        """``"device"`` (an accelerator's memory), ``"host"`` (host memory, which is the device of a CPU run) or ``"mmap"``."""
         if isinstance(self.images, np.ndarray):
             return "mmap" if isinstance(self.images, np.memmap) or _is_mapped(self.images) else "host"
-        return "device" if self.images.device == self.device else "host"
+        return "host" if self.images.device.type == "cpu" else "device"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -111,7 +111,7 @@ class ImageSet:
     @property
     def stored_dtype(self) -> torch.dtype:
         """``torch.uint8`` or the float dtype the images are stored in."""
-        return self.images.dtype if isinstance(self.images, Tensor) else torch.from_numpy(self.images[:0]).dtype
+        return self.images.dtype if isinstance(self.images, Tensor) else torch.from_numpy(np.empty(0, self.images.dtype)).dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,7 +147,7 @@ class ImageSet:
         if isinstance(images, np.ndarray):
             if isinstance(index, Tensor):
                 index = index.cpu().numpy()
-            batch = torch.from_numpy(np.ascontiguousarray(images[index]))
+            batch = torch.from_numpy(np.array(images[index]))  # a copy: a memory map's pages are read now
         else:
             if isinstance(index, Tensor):
                 index = index.to(images.device)
@@ -182,7 +182,7 @@ class ImageSet:
     def stored(self) -> Tensor:
         """All images as one tensor in their stored dtype, on the CPU (reads a memory map in full)."""
         if isinstance(self.images, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(self.images))
+            return torch.from_numpy(np.array(self.images))
         return self.images.cpu()
 
     def fingerprint(self):
@@ -256,7 +256,7 @@ class _RowsOfMap(ImageSet):
 
     def take(self, index: Index) -> Tensor:
         rows = self._rows(index)
-        batch = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+        batch = torch.from_numpy(np.array(self.images[rows]))
         if self.device.type == "cuda":
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
@@ -269,7 +269,7 @@ class _RowsOfMap(ImageSet):
         return np.ascontiguousarray(self.images[self._rows(index)])
 
     def stored(self) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[self.rows]))
+        return torch.from_numpy(np.array(self.images[self.rows]))
 
 
 def _is_mapped(array: np.ndarray) -> bool:
