@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,3 +336,81 @@ def test_flows_the_vamp_prior_and_two_layers_train_and_evaluate(options, tmp_pat
     assert main(["eval", str(folder), "--num-samples", "10"]) == 0
     results = json.loads((folder / "eval.json").read_text())
     assert 0 < results["nll"] < -results["elbo"] + 5
+
+
+# --------------------------------------------------------------------------- your own images
+
+TINY = ["--hidden", "32", "--latent-dim", "3", "--epochs", "1", "--batch-size", "8", "--eval-images", "4", "--no-progress"]
+
+
+def test_train_help_lists_the_three_sources(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--dataset", "--data PATH", "a folder of images", "an array file (.npy; .npz with x and optional y; .pt)",
+                   "--test-data PATH", "the shorter side to S pixels, then the centre S x S crop", "--channels {1,3}", "--storage"):
+        assert phrase in text, phrase
+
+
+def test_train_and_eval_on_a_folder_of_photographs(photo_folder, tmp_path, capsys):
+    folder = tmp_path / "run"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--data", str(photo_folder), "--image-size", "16", "--likelihood", "normal", "--out", str(folder), *cache, *TINY]) == 0
+    data = json.loads((folder / "config.json").read_text())["metadata"]["data"]
+    assert data["source"] == str(photo_folder.resolve()) and data["test_fraction"] == 0.1 and data["test_split_seed"] == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert 0 <= summary["probe_accuracy"] <= 1 and "latent.png" in summary["figures"]
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--num-samples", "5"]) == 0  # loads the same images again, from the cache
+    assert "test set: 2 images of photos" in capsys.readouterr().out  # 10% of 24, held out
+
+
+def test_train_on_an_array_file_without_labels(tmp_path, capsys):
+    np = pytest.importorskip("numpy")
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 12, 12, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    (tmp_path / "test.npy").write_bytes((tmp_path / "x.npy").read_bytes())
+    folder = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "x.npy"), "--test-data", str(tmp_path / "test.npy"), "--cache-dir", str(tmp_path / "c"), *TINY]
+    assert main([*argv, "--out", str(folder)]) == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert "probe_accuracy" not in summary and "latent.png" not in summary["figures"]  # no labels: no probe, no classes to colour
+    assert json.loads((folder / "config.json").read_text())["metadata"]["data"]["test"] == str((tmp_path / "test.npy").resolve())
+    capsys.readouterr()
+    assert main([*argv, "--model", "cvae", "--out", str(tmp_path / "cvae")]) == 2
+    assert "--model cvae models images given their labels, and x.npy has none" in capsys.readouterr().err
+    assert not (tmp_path / "cvae").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "mnist"], "--data .* and --dataset mnist name two sources: give one"),
+        (["--test-fraction", "0.2", "--test-data", "elsewhere"], "--test-data gives the test images; --test-fraction holds some out"),
+    ],
+)
+def test_conflicting_sources_are_refused_before_anything_is_written(photo_folder, tmp_path, capsys, extra, message):
+    assert main(["train", "--data", str(photo_folder), *extra, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"), *TINY]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+def test_skipped_files_are_listed_in_the_run_folder(photo_folder, tmp_path, capsys):
+    bad = photo_folder / "pack" / "broken.png"
+    bad.write_bytes(b"not an image")
+    argv = ["train", "--data", str(photo_folder), "--image-size", "8", "--cache-dir", str(tmp_path / "c"), *TINY]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert f"pyrovae: error: {bad} cannot be read as an image" in capsys.readouterr().err
+    assert main([*argv, "--skip-unreadable", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "skipped_images.txt").read_text() == f"{bad}\n"
+
+
+def test_compare_trains_every_model_on_an_array_file(tmp_path):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, size=(48, 3, 8, 8), dtype=np.uint8), y=np.arange(48) % 3)
+    folder = tmp_path / "compare"
+    models = ",".join(name for name in cli.COMPARABLE)
+    assert main(["compare", "--data", str(tmp_path / "d.npz"), "--models", models, "--num-samples", "3", "--out", str(folder), *TINY]) == 0
+    rows = json.loads((folder / "comparison.json").read_text())
+    assert [row["model"] for row in rows] == list(cli.COMPARABLE) and all(math.isfinite(row["mse"]) for row in rows)

@@ -13,7 +13,10 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from conftest import write_photo_crops
-from pyrovae.data import ImageSet, load_images, sources
+from conftest import tiny_network
+from pyrovae import VAE, Trainer, TrainingConfig, VAEConfig
+from pyrovae.data import DatasetNotFoundError, ImageSet, load_dataset, load_images, sources
+from pyrovae.evaluation import evaluate
 from pyrovae.data.sources import read_array, read_folder
 from pyrovae.errors import InputError
 
@@ -111,6 +114,15 @@ def test_a_dataset_is_read_through_a_dataloader_with_workers(photo_folder, tmp_p
     for split in ("train", "test"):
         assert torch.equal(getattr(from_dataset, split).take(slice(None)), getattr(from_folder, split).take(slice(None)))
         assert torch.equal(getattr(from_dataset, f"{split}_labels"), getattr(from_folder, f"{split}_labels"))
+    vae = VAE(VAEConfig(network=tiny_network(input_shape=(3, 16, 16)), likelihood="normal"))
+    history = Trainer(vae, TrainingConfig(epochs=2, batch_size=6, progress=False)).fit(from_dataset.train, test=from_dataset.test)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {"elbo", "probe_accuracy"} <= set(evaluate(vae, from_dataset, num_samples=0))
+
+
+def test_missing_celeba_names_its_files(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f"celeba is not in {tmp_path / 'celeba'}") + ".*img_align_celeba/, list_eval_partition.txt"):
+        load_dataset("celeba", root=tmp_path)
 
 
 class _Floats(torch.utils.data.Dataset):
