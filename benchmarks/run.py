@@ -2,7 +2,8 @@
 
     python benchmarks/run.py                  # everything, full sizes (about 15 min on 2 CPU threads)
     python benchmarks/run.py --quick          # everything, small sizes (under 5 min)
-    python benchmarks/run.py --only svi,ae    # some of: svi ae nll scaling profile memory distributed gpu
+    python benchmarks/run.py --only svi,ae    # some of: svi ae nll scaling profile memory distributed gpu uint8
+    python benchmarks/run.py --only mmap      # opt-in, never in CI: a generated 4.3 GB array file read from its memory map
     python benchmarks/run.py --device cuda    # benchmarks 1-4 on the GPU
 
 Prints each benchmark's figures as it finishes, then one line per target:
@@ -26,7 +27,9 @@ import torch  # noqa: E402
 
 from benchmarks.common import DEFAULT_DATA_DIR, Settings, machine_info  # noqa: E402
 
-BENCHMARKS = ("svi", "ae", "nll", "scaling", "profile", "memory", "distributed", "gpu")
+BENCHMARKS = ("svi", "ae", "nll", "scaling", "profile", "memory", "distributed", "gpu", "uint8")
+#: benchmarks run only when named in --only (they write gigabytes to the temporary folder)
+OPT_IN = ("mmap",)
 GB = 1e9
 
 
@@ -65,6 +68,14 @@ def run_benchmark(name: str, settings: Settings) -> dict:
         return bench_distributed(settings)
     if name == "gpu":
         return run_gpu(settings)
+    if name == "uint8":
+        from benchmarks.bench_images import bench_uint8
+
+        return bench_uint8(settings)
+    if name == "mmap":
+        from benchmarks.bench_images import bench_mmap
+
+        return bench_mmap(settings)
     raise ValueError(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
 
 
@@ -146,6 +157,22 @@ def describe(name: str, r: dict) -> str:
         from benchmarks.bench_distributed import format_distributed
 
         return format_distributed(r)
+    if name == "uint8":
+        return (
+            f"uint8: VAE 784-400-50 on {r['images']:,} MNIST images, batch {r['batch_size']}, {r['epochs_timed']} interleaved epochs on {r['device']}\n"
+            f"  uint8 (floats per batch) median {r['uint8']['median_s']:.3f} s/epoch, holds {_gb(r['uint8_bytes'])}  epochs {r['uint8']['epoch_s']}\n"
+            f"  float32 tensor           median {r['float']['median_s']:.3f} s/epoch, holds {_gb(r['float_bytes'])}  epochs {r['float']['epoch_s']}\n"
+            f"  uint8 / float {r['ratio']:.3f}; resident size {r['bytes_ratio']:.1f}x smaller"
+        )
+    if name == "mmap":
+        lines = [f"mmap: {r['images']:,} images {r['image_shape']} uint8 = {_gb(r['file_bytes'])} generated in {r['generate_s']:.0f} s; {r['network']}, batch {r['batch_size']}"]
+        for part in ("mmap", "memory"):
+            p = r[part]
+            if "error" in p:
+                lines.append(f"  {part}: ERROR {p['error']}")
+                continue
+            lines.append(f"  {part:<6} {p['steps']} steps: {p['images_per_s']:.0f} images/s, peak RssAnon {_gb(p['peak_rss_anon_bytes'])} (storage {p['storage']}, loaded in {p['load_s']:.2f} s)")
+        return "\n".join(lines)
     if name == "memory":
         text = f"memory: `{r['command']}`: peak RSS {_gb(r['peak_rss_bytes'])} in {r['seconds']:.1f} s (importing torch, torchvision, pyro, pyrovae alone: {_gb(r['imports_peak_rss_bytes'])})"
         return text + (f"\n  ERROR (exit {r['returncode']}): {r['error']}" if "error" in r else "")
@@ -173,6 +200,9 @@ TARGETS = (
     ("nll k=1000: speed-up over per-image loop", ("nll", "speedup_vs_loop"), ">=", 2.0, "x"),
     ("nll k=5000: peak memory", ("nll", "memory", "peak_rss_bytes"), "<=", 2 * GB, "GB"),
     ("pyrovae train: peak memory", ("memory", "peak_rss_bytes"), "<=", 1.5 * GB, "GB"),
+    ("uint8: MNIST epoch, uint8 / float32 path", ("uint8", "ratio"), "<=", 1.05, "x"),
+    ("mmap: peak RssAnon, 4.3 GB file", ("mmap", "peak_rss_anon_bytes"), "<=", 2 * GB, "GB"),
+    ("mmap: images/s, memory map / in memory", ("mmap", "ratio_to_memory"), ">=", 0.9, "x"),
 )
 
 #: figures reported without a target
@@ -237,7 +267,7 @@ def busy_warning(machine: dict) -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 5 minutes")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all), or the opt-in {','.join(OPT_IN)}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto, for benchmarks svi..memory (default: cpu); gpu always uses cuda")
     parser.add_argument("--out", default=str(REPO / "runs" / "benchmarks"), help="folder for results.json and scaling.png (default: runs/benchmarks)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder holding MNIST/raw (default: the repository's data/)")
@@ -249,9 +279,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
+    unknown = [n for n in names if n not in BENCHMARKS + OPT_IN]
     if unknown:
-        print(f"run.py: error: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        print(f"run.py: error: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS + OPT_IN)}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -189,15 +189,17 @@ class _Updater:
         return total[0]
 
 
-#: images checked at once by ``model.check_input`` before training (all of them, chunk by chunk; of a memory map the first chunk)
-CHECK_IMAGES = 8192
+#: bytes of float images checked at once by ``model.check_input`` before training (all images, chunk by chunk;
+#: of a memory map the first chunk only)
+CHECK_BYTES = 2**26
 
 
 def _chunks(images: ImageSet):
-    """The float images of ``images`` in chunks of :data:`CHECK_IMAGES` (of a memory map: the first chunk only)."""
-    stop = min(len(images), CHECK_IMAGES) if images.storage == "mmap" else len(images)
-    for start in range(0, stop, CHECK_IMAGES):
-        yield images[start : min(start + CHECK_IMAGES, stop)]
+    """The float images of ``images`` in chunks of about :data:`CHECK_BYTES` (of a memory map: the first chunk only)."""
+    size = max(1, CHECK_BYTES // (math.prod(images.image_shape) * images.dtype.itemsize))
+    stop = min(len(images), size) if images.storage == "mmap" else len(images)
+    for start in range(0, stop, size):
+        yield images[start : min(start + size, stop)]
 
 
 def _labelled(batch) -> tuple[Tensor, dict]:
@@ -366,7 +368,7 @@ class Trainer:
         order, ``(images, labels)`` for each split (the images an :class:`~pyrovae.data.ImageSet` drawing
         batches on the device, the labels on the device), ``None`` for a split without images.
         The same images, unchanged since (same in-place version), are not checked again by a later fit.
-        Images in a memory map are checked on their first :data:`CHECK_IMAGES` (the others are read
+        Images in a memory map are checked on their first :data:`CHECK_BYTES` (the others are read
         batch by batch; their values were checked when they were prepared).
         """
         key = (*(_Seen.of(t) for pair in splits.values() for t in pair), dynamic_binarization)
