@@ -264,3 +264,32 @@ def test_cache_files_are_complete_npy_files(photo_folder, tmp_path):
     assert meta["shape"] == [24, 3, 8, 8] and meta["class_names"] == ["hopper", "pack"]
     assert np.array_equal(np.load(source.cache / "images.npy"), np.asarray(source.images))
     assert isinstance(ImageSet(source.images), ImageSet) and ImageSet(source.images).storage == "mmap"
+
+
+def test_a_preparation_interrupted_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    """Killed half-way through writing images.npy (here: an interrupt between chunks), the cache holds nothing."""
+    np.save(tmp_path / "x.npy", np.zeros((3000, 8, 8, 3), np.uint8))  # (N, H, W, C): converted, in chunks of 1,024
+    converted = []
+    real = sources._convert
+
+    def interrupted(*args):
+        if converted:
+            raise KeyboardInterrupt
+        converted.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sources, "_convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_array(tmp_path / "x.npy", cache_dir=tmp_path / "cache", progress=False)
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(sources, "_convert", real)
+    assert read_array(tmp_path / "x.npy", cache_dir=tmp_path / "cache", progress=False).images.shape == (3000, 3, 8, 8)
+
+
+def test_the_held_out_test_images_do_not_follow_the_run_seed():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1)
+    a, b = (load_images(images, seed=seed, test_fraction=0.2, progress=False) for seed in (0, 5))
+    assert torch.equal(a.test[:], b.test[:]) and len(a.test) == 10
+    assert not torch.equal(a.train[:], b.train[:])  # the training order does follow it
+    together = torch.cat([a.train.take(slice(None)), a.test.take(slice(None))]).flatten().sort().values
+    assert torch.equal(together, images.flatten())  # disjoint, and together every image

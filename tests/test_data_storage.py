@@ -50,6 +50,7 @@ def test_shards_put_together_are_the_global_batch():
     shards = [list(batches(images, 16, torch.Generator().manual_seed(1), binarize=True, shard=(rank, 3))) for rank in range(3)]
     for step, batch in enumerate(whole):
         assert torch.equal(torch.cat([shard[step] for shard in shards]), batch)
+    assert [len(shard[0]) for shard in shards] == [6, 5, 5] and [len(shard[-1]) for shard in shards] == [1, 1, 0]  # 50 = 3 x 16 + 2
 
 
 def test_first_skips_batches_but_not_their_draws():
