@@ -40,13 +40,14 @@ from benchmarks.common import HIDDEN, LATENT, Settings, interleave, load_mnist, 
 __all__ = ["bench_uint8", "bench_mmap"]
 
 
-def bench_uint8(settings: Settings, epochs: int | None = None, batch_size: int = 256) -> dict:
+def bench_uint8(settings: Settings, epochs: int | None = None, batch_size: int = 256, data=None) -> dict:
     """Epoch times of the VAE on MNIST as uint8 (floats per batch) and as one float32 tensor (``ratio`` = uint8 / float)."""
     from pyrovae import VAE, NetworkConfig, VAEConfig
     from pyrovae.training import Trainer, TrainingConfig
 
     epochs = epochs or (3 if settings.quick else 5)
-    data = load_mnist(settings, quick_subset=20_000)
+    if data is None:
+        data = load_mnist(settings, quick_subset=20_000)
     sources = {"uint8": data.train, "float": data.train[:]}
 
     def runner(x):

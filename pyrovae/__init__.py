@@ -1,6 +1,6 @@
 """pyrovae: autoencoder-family generative models built on Pyro, with plain-PyTorch baselines."""
 
-from .data import ImageData, load_dataset
+from .data import ImageData, ImageSet, load_dataset, load_images
 from .devices import resolve_device
 from .errors import InputError
 from .likelihoods import (
@@ -45,7 +45,7 @@ from .training import Trainer, TrainingConfig, load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "ImageData", "load_dataset", "resolve_device", "InputError",
+    "ImageData", "ImageSet", "load_dataset", "load_images", "resolve_device", "InputError",
     "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
     "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
     "SparseAEConfig", "StackedAE", "StackedAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "VAEConfig", "build_model",

@@ -179,3 +179,27 @@ def test_distributed_runs_one_and_two_processes(settings):
         assert row["images_per_s"] == pytest.approx(300 / row["median_s"], rel=1e-6)
     assert rows[2]["ratio_to_one_process"] == pytest.approx(rows[2]["images_per_s"] / rows[1]["images_per_s"], rel=1e-6)
     assert "2 process(es) x 1 thread(s)" in format_distributed(result)
+
+
+def test_uint8(settings, mnist):
+    from benchmarks.bench_images import bench_uint8
+
+    result = bench_uint8(settings, epochs=1, data=mnist)
+    for name in ("uint8", "float"):
+        assert_timed(result[name], len(mnist.train))
+    assert result["ratio"] == pytest.approx(result["uint8"]["median_s"] / result["float"]["median_s"], rel=1e-6)
+    assert result["uint8_bytes"] == 300 * 784 and result["bytes_ratio"] == 4
+    assert_finite(result)
+
+
+def test_mmap_at_toy_size(settings, tmp_path):
+    """The opt-in memory-map benchmark end to end on a 1,000-image file (never its 4.3 GB in tests)."""
+    from benchmarks.bench_images import bench_mmap
+
+    result = bench_mmap(settings, images=1000, steps=2, batch_size=16, hidden=8, latent=2, folder=str(tmp_path))
+    assert result["file_bytes"] == 1000 * 3 * 64 * 64 + 128 and list(tmp_path.iterdir()) == []  # the file is deleted
+    assert result["mmap"]["storage"] == "mmap" and result["memory"]["storage"] == "host"
+    for part in ("mmap", "memory"):
+        assert result[part]["images"] == 32 and result[part]["peak_rss_anon_bytes"] > 0
+    assert result["ratio_to_memory"] == pytest.approx(result["mmap"]["images_per_s"] / result["memory"]["images_per_s"])
+    assert_finite(result)
