@@ -288,7 +288,7 @@ def _data_options(args) -> dict:
         "image_size": args.image_size,
         "channels": args.channels,
         "storage": args.storage,
-        "cache_dir": None if args.cache_dir is None else str(Path(args.cache_dir).resolve()),
+        "cache_dir": str(Path(args.cache_dir).resolve()) if args.cache_dir is not None else str(Path(args.data_dir).resolve() / "cache") if args.data_dir is not None else None,
     }
     if args.data is None:
         return {"name": args.dataset or "mnist", "root": args.data_dir, **common}

@@ -153,7 +153,7 @@ def test_array_files_of_every_layout(tmp_path, layout):
     path = tmp_path / "images.npy"
     np.save(path, stored)
     source = read_array(path, cache_dir=tmp_path / "cache", progress=False)
-    assert torch.equal(torch.from_numpy(np.asarray(source.images)), images)
+    assert torch.equal(torch.from_numpy(np.array(source.images)), images)
     assert isinstance(source.images, np.memmap) and source.labels is None
     assert (layout == "NCHW") == (entries(tmp_path / "cache") == [])  # (N, C, H, W) is read as it is, without a cache
 

@@ -300,8 +300,6 @@ def read_folder(
     ``skip_unreadable``: then it is left out and listed in ``Source.skipped``), and images of
     different sizes without ``image_size``.
     """
-    from PIL import Image
-
     _check_image_options(image_size, channels)
     folder = Path(folder)
     files, class_names = _folder_files(folder, image_extensions())
@@ -310,6 +308,14 @@ def read_folder(
     cached = _read_cache(entry)
     if cached is not None:
         return cached
+    with _locked(folder):  # processes preparing the same folder (torchrun's ranks) take turns: the later ones read the cache
+        cached = _read_cache(entry)
+        return cached if cached is not None else _prepare_folder(folder, files, class_names, entry, image_size, channels, skip_unreadable, progress)
+
+
+def _prepare_folder(folder: Path, files, class_names, entry: Path, image_size, channels, skip_unreadable, progress) -> Source:
+    """Decode, convert and resize the images ``files`` of ``folder`` into the cache ``entry`` (see :func:`read_folder`)."""
+    from PIL import Image
 
     skipped, kept, sizes, colour = [], [], {}, False
     for path, label in tqdm(files, desc=f"reading {folder.name}", disable=not progress, unit="image", dynamic_ncols=True):
@@ -510,9 +516,15 @@ def read_array(
     stat = path.stat()
     options = {"image_size": image_size, "channels": channels, "size": stat.st_size, "mtime": stat.st_mtime_ns}
     entry = _cache_entry(cache_dir, path.stem, str(path.resolve()), options)
-    cached = _read_cache(entry)
-    if cached is not None:
-        return Source(cached.images, labels, None, (), entry, str(path))
+    with _locked(path.parent):  # processes preparing the same file (torchrun's ranks) take turns
+        cached = _read_cache(entry)
+        if cached is not None:
+            return Source(cached.images, labels, None, (), entry, str(path))
+        return _prepare_array(path, x, shape, layout, labels, entry, stored, image_size, channels, height, width, progress)
+
+
+def _prepare_array(path: Path, x, shape, layout: str, labels, entry: Path, stored, image_size, channels, height, width, progress) -> Source:
+    """Convert and resize the images ``x`` of the array file ``path`` into the cache ``entry``, chunk by chunk."""
     resize = _resize(image_size)
     out_h, out_w = (image_size, image_size) if image_size is not None else (height, width)
     chunk = 1024
@@ -524,8 +536,7 @@ def read_array(
             part = part if stored == np.uint8 else part.to(torch.float32)
             yield _convert(part, channels, resize).numpy()
 
-    cached = _write_cache(entry, (shape[0], channels, out_h, out_w), stored, chunks(), labels, None, (), str(path))
-    return cached
+    return _write_cache(entry, (shape[0], channels, out_h, out_w), stored, chunks(), labels, None, (), str(path))
 
 
 # --------------------------------------------------------------------------- a torch Dataset
