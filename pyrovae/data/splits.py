@@ -38,7 +38,6 @@ from ..errors import InputError
 from .batches import binarized
 from .sources import (
     DATASETS,
-    TORCHVISION_DATASETS,
     Source,
     default_data_dir,
     from_tensor,

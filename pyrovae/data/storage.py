@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import Union
 
 import numpy as np
@@ -184,11 +183,6 @@ class ImageSet:
         if isinstance(self.images, np.ndarray):
             return torch.from_numpy(np.array(self.images))
         return self.images.cpu()
-
-    def fingerprint(self):
-        """Something equal for the same, unchanged images (weak: the array itself and its in-place version)."""
-        return (weakref.ref(self), weakref.ref(self.images) if isinstance(self.images, Tensor) else id(self.images),
-                self.images._version if isinstance(self.images, Tensor) else 0)
 
     # ------------------------------------------------------------------ placing
 
