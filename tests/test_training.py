@@ -168,12 +168,50 @@ DETERMINISTIC = {
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_models_train_through_the_same_trainer(train, val, name):
-    history = Trainer(DETERMINISTIC[name](), config(optimizer="AdamW", lr=3e-3)).fit(train, val=val)
+    torch.manual_seed(0)
+    model = DETERMINISTIC[name]()
+    history = Trainer(model, config(optimizer="AdamW", lr=3e-3)).fit(train, val=val)
     end_to_end = [row for row in history if row["phase"] == "train"]
     assert len(end_to_end) == 3
     assert end_to_end[-1]["train_loss"] < end_to_end[0]["train_loss"] - 20
     assert end_to_end[-1]["val_loss"] < end_to_end[0]["val_loss"]
     assert all("kl_weight" not in row for row in history)
+    with torch.no_grad():  # the validation figure is the model's own loss, by hand, on batches of 32 without noise
+        model.eval()
+        expected = (loss_by_hand(name, model, val[:BATCH], noise=None) + loss_by_hand(name, model, val[BATCH:], noise=None)) / 2
+    assert end_to_end[-1]["val_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+    # One plain SGD step on the whole set (end to end: the stacked AE without pretraining): the parameters
+    # move by lr times the gradient of the per-image loss, by hand, at the same noise (the denoising AE's).
+    def build():
+        torch.manual_seed(0)
+        return StackedAE(StackedAEConfig(network=tiny_network(), pretrain_epochs=0)) if name == "stacked" else DETERMINISTIC[name]()
+
+    model, reference, lr = build(), build(), 0.1
+    before = {key: p.detach().clone() for key, p in model.named_parameters()}
+    first = Trainer(model, config(epochs=1, batch_size=len(train), optimizer="sgd", lr=lr)).fit(train)
+    x = next(batches(train, len(train), torch.Generator().manual_seed(0)))  # the run's batch: drawn with config.seed
+    torch.manual_seed(0)  # the Trainer seeds torch with config.seed: the corruption is the run's first draw
+    loss = loss_by_hand(name, reference, x, noise=torch.randn_like(x))
+    loss.backward()
+    assert first[0]["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for key, p in reference.named_parameters():
+        torch.testing.assert_close(model.state_dict()[key], before[key] - lr * p.grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def loss_by_hand(name, model, x, noise):
+    """The loss per image of the autoencoder ``name`` on ``x``, from its networks: binary cross-entropy summed
+    over pixels; the sparse AE's codes are sigmoids and it adds sum_j KL(0.05 || mean code_j); the denoising AE
+    encodes ``x + 0.3 * noise`` (no noise: ``None``, as in evaluation)."""
+    source = x + 0.3 * noise if name == "denoising" and noise is not None else x
+    code = model.encoder(source)
+    if name == "sparse":
+        code = torch.sigmoid(code)
+    loss = F.binary_cross_entropy_with_logits(model.decoder(code), x, reduction="sum") / len(x)
+    if name == "sparse":
+        rho, rho_hat = 0.05, code.mean(0)
+        loss = loss + (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    return loss
 
 
 def test_stacked_pretraining_touches_only_the_active_layer(train):
