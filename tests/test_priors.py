@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reference_prior
 from pyrovae.errors import InputError
 from pyrovae.nets import MLPEncoder
 from pyrovae.priors import PRIORS, GaussianMixturePrior, LaplacePrior, StandardNormal, StudentTPrior, VampPrior, check_prior, make_prior
@@ -22,22 +23,6 @@ def build(name):
     return make_prior(name, L, encoder=MLPEncoder(IMAGE, L, hidden=(8,), gaussian=True), input_shape=IMAGE, num_pseudo_inputs=4)
 
 
-def reference(name, prior) -> torch.distributions.Distribution:
-    """The distribution the docs of the prior ``name`` describe, built from torch.distributions (not Pyro)."""
-    td = torch.distributions
-    if name == "normal":
-        return td.Independent(td.Normal(torch.zeros(L), 1.0), 1)
-    if name == "laplace":
-        return td.Independent(td.Laplace(torch.zeros(L), 1.0), 1)
-    if name == "student_t":
-        return td.Independent(td.StudentT(3.0, torch.zeros(L), 1.0), 1)
-    if name == "mixture":  # K diagonal Gaussians, scale softplus(raw) + 1e-5, weights softmax(logits)
-        components = td.Independent(td.Normal(prior.locs, nn.functional.softplus(prior.raw_scales) + 1e-5), 1)
-        return td.MixtureSameFamily(td.Categorical(logits=prior.logits), components)
-    loc, scale = prior._encoder[0](prior.raw_pseudo_inputs.clamp(0, 1))  # vamp: the encoder's posteriors at u_k
-    return td.MixtureSameFamily(td.Categorical(logits=torch.zeros(len(loc))), td.Independent(td.Normal(loc, scale), 1))
-
-
 @pytest.mark.parametrize("name", sorted(PRIORS))
 def test_builtin_priors_are_distributions_over_codes(name):
     prior = build(name)
@@ -49,7 +34,7 @@ def test_builtin_priors_are_distributions_over_codes(name):
     log_p = d.log_prob(z)
     assert log_p.shape == (5,) and torch.isfinite(log_p).all()
     with torch.no_grad():
-        expected = reference(name, prior)
+        expected = reference_prior(name, prior, L)
         points = 3 * torch.randn(5, L)
         torch.testing.assert_close(d.log_prob(points), expected.log_prob(points))
         # its samples follow it too: each coordinate's deciles agree with the reference's, from 20,000 draws each
