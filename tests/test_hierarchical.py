@@ -68,6 +68,9 @@ def test_the_decoder_reads_both_latents_and_q_z1_reads_the_image_and_z2():
 
 def test_the_vampprior_on_z2_is_the_mixture_of_the_guides_q_z2_at_the_pseudo_inputs():
     vae = small()
+    with torch.no_grad():  # as training moves the encoder of q(z2|x), the prior moves with it: one network, not a copy
+        for layer in vae.encoder.layers:
+            layer.weight.add_(0.3 * torch.randn_like(layer.weight))
     u = vae.prior.pseudo_inputs.detach()  # (K, 1, 28, 28)
     with torch.no_grad():
         prior = vae.prior()
