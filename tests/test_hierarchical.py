@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, RenyiELBO, Trace_ELBO
 
 from pyrovae import HierarchicalVAE, HierarchicalVAEConfig, NetworkConfig
 from pyrovae.data import load_dataset
@@ -152,6 +152,20 @@ def test_pyro_tools_work_on_it():
     assert {f"{vae.name}.bottom_encoder$$$branches.0.weight", f"{vae.name}.prior$$$raw_pseudo_inputs"} <= names
     assert vae.encode(x).shape == (8, 9) and vae.reconstruct(x).shape == x.shape and vae.sample(3).shape == (3, 1, 28, 28)
     assert vae.interpolate(x[0], x[1], steps=4).shape == (4, 1, 28, 28)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_the_iwae_bound_and_the_jit_elbo_train_it():
+    x = torch.rand(20, 1, 28, 28).bernoulli()
+    iwae = small(elbo="iwae", num_particles=3)
+    history = Trainer(iwae, TrainingConfig(epochs=2, batch_size=10, progress=False)).fit(x)
+    assert all(math.isfinite(row["train_loss"]) for row in history)
+    assert iwae.prior.raw_pseudo_inputs.grad is not None  # the RenyiELBO's gradients reach the VampPrior too
+    vae = small()
+    start = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), JitTrace_ELBO(ignore_jit_warnings=True))
+    assert all(math.isfinite(svi.step(x, num_data=100)) for _ in range(2))
+    assert all(not torch.equal(p, start[name]) for name, p in vae.named_parameters())  # every part, the pseudo-inputs too
 
 
 @pytest.mark.parametrize("free_bits", [0.0, 3.0])
