@@ -99,7 +99,7 @@ class HierarchicalVAE(AutoencoderMixin, PyroModule):
 
     Parts, each replaceable by keyword: ``encoder`` maps images to the ``(loc, scale)`` of q(z2|x), each ``(B, L2)``
     (and is what the VampPrior mixes); ``bottom_encoder(x.flatten(1), z2)`` gives those of q(z1|x, z2), each
-    ``(..., B, L1)``; ``top_decoder(z2)`` those of p(z1|z2); ``decoder(z1, z2)`` (or ``decoder([z1, z2])``) the
+    ``(..., B, L1)``; ``top_decoder(z2)`` those of p(z1|z2); ``decoder(z1, z2)`` (or ``decoder`` of their concatenation) the
     decoder output ``(..., C, H, W)``; ``prior`` over ``(L2,)`` and ``likelihood`` as in the VAE.
     ``name`` prefixes the names of its parameters in Pyro's param store.
     """
