@@ -172,7 +172,7 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prior", choices=sorted(PRIORS), default=argparse.SUPPRESS, help=_model_help("prior p(z)", "prior"))
     group.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=argparse.SUPPRESS, help=_model_help("likelihood p(x|z)", "likelihood"))
     group.add_argument("--beta", type=float, default=argparse.SUPPRESS, help=_model_help("KL weight beta", "beta"))
-    group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
+    group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO (not for vae2, whose guide is not mean-field) or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
     group.add_argument("--num-particles", type=int, default=argparse.SUPPRESS, help=_model_help("samples of z per image in the objective (k of the IWAE bound)", "num_particles"))
     group.add_argument("--kl-warmup", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
     group.add_argument("--free-bits", type=float, default=argparse.SUPPRESS, help=_model_help("nats per latent site below which training does not push its KL lower (Kingma et al. 2016)", "free_bits"))
