@@ -75,6 +75,9 @@ MODEL_OPTIONS = {
     "--num-pseudo-inputs": "num_pseudo_inputs",
     "--top-latent-dim": "top_latent_dim",
     "--top-hidden": "top_hidden",
+    "--reconstruction-lr": "reconstruction_lr",
+    "--discriminator-lr": "discriminator_lr",
+    "--generator-lr": "generator_lr",
 }
 #: what `pyrovae compare` can train: the models, and PCA as a linear baseline
 COMPARABLE = (*sorted(MODELS), "pca")
@@ -152,7 +155,7 @@ def _training_parent(epochs: int) -> argparse.ArgumentParser:
     parent, group = _new_parent("training")
     group.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=256, help="minibatch size (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate of every optimizer (the aae's three phases too, unless --reconstruction-lr, --discriminator-lr or --generator-lr sets a phase's own) (default: %(default)s)")
     group.add_argument("--optimizer", type=str.lower, choices=sorted(OPTIMIZERS), default="adam", help="torch.optim optimizer (default: %(default)s)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay (default: %(default)s)")
     group.add_argument("--lr-schedule", choices=_or_none(LR_SCHEDULES), default="none", help="cosine decay to 0, halving every --lr-step-epochs (step), or the IWAE paper's stages (default: none)")
@@ -174,19 +177,22 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--beta", type=float, default=argparse.SUPPRESS, help=_model_help("KL weight beta", "beta"))
     group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO (not for vae2, whose guide is not mean-field) or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
     group.add_argument("--num-particles", type=int, default=argparse.SUPPRESS, help=_model_help("samples of z per image in the objective (k of the IWAE bound)", "num_particles"))
-    group.add_argument("--kl-warmup", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
+    group.add_argument("--kl-warmup", dest="kl_warmup_epochs", metavar="EPOCHS", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
     group.add_argument("--free-bits", type=float, default=argparse.SUPPRESS, help=_model_help("nats per latent site below which training does not push its KL lower (Kingma et al. 2016)", "free_bits"))
     group.add_argument("--posterior", choices=sorted(POSTERIORS), default=argparse.SUPPRESS, help=_model_help("q(z|x): diagonal Gaussian, or that Gaussian through inverse autoregressive or planar flows", "posterior"))
     group.add_argument("--flow-layers", type=int, default=argparse.SUPPRESS, help=_model_help("steps of a flow posterior", "flow_layers"))
     group.add_argument("--num-pseudo-inputs", type=int, default=argparse.SUPPRESS, help=_model_help("pseudo-inputs K of the VampPrior (--prior vamp)", "num_pseudo_inputs"))
     group.add_argument("--top-latent-dim", type=int, default=argparse.SUPPRESS, help=_model_help("size of z2, the top latent layer", "top_latent_dim"))
     group.add_argument("--top-hidden", type=_int_list, default=argparse.SUPPRESS, help=_model_help("hidden widths between z1 and z2", "top_hidden"))
+    for phase in ("reconstruction", "discriminator", "generator"):
+        group.add_argument(f"--{phase}-lr", type=float, default=argparse.SUPPRESS, help=_model_help(f"learning rate of the {phase} phase", f"{phase}_lr"))
 
 
 def _model_help(text: str, field: str) -> str:
     """``text``, the models whose config has ``field``, and its default there."""
     defaults = {name: _fields(config_class)[field].default for name, (_, config_class) in MODELS.items() if field in _fields(config_class)}
-    return f"{text} ({', '.join(defaults)}; default: {next(iter(defaults.values()))})"
+    default = next(iter(defaults.values()))
+    return f"{text} ({', '.join(defaults)}; default: {'--lr' if default is None and field.endswith('_lr') else default})"
 
 
 def _default_latent_dim(name: str | None) -> int:

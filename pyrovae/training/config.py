@@ -42,7 +42,7 @@ class TrainingConfig:
                      each batch (contiguous shards of ``batch_size // W`` or one more images), so a run
                      sees the same batches, and its gradients are those of the same batch means,
                      whatever ``W`` is (see :mod:`pyrovae.training.trainer`).
-    lr:              learning rate (a model's parameter group may set its own).
+    lr:              learning rate of every parameter group (a model's config may set a group's own: the AAE's per-phase rates).
     optimizer:       an :data:`OPTIMIZERS` name, any case (``"adam"``, ``"AdamW"``, ``"sgd"``, ...).
     weight_decay:    the optimizer's weight decay (L2 for Adam, decoupled for AdamW).
     optimizer_eps:   the optimizer's ``eps``, where it has one; ``None`` keeps torch's default (Adam: 1e-8).
