@@ -379,15 +379,20 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     return written
 
 
+#: decimals of each figure in a printed table: nats (ELBO, NLL, BCE) and the squared error per image to
+#: hundredths, bits/dim and accuracy to thousandths (the JSON files keep full precision)
+DECIMALS = {"elbo": 2, "nll": 2, "bce": 2, "mse": 2, "bits_per_dim": 3, "probe_accuracy": 3, "prior_mmd": 4, "training_seconds": 2}
+
+
 def _format_table(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table of ``rows``; floats to 4 significant digits, ``-`` for missing values."""
-    def cell(value):
+    """A Markdown table of ``rows``; floats to fixed :data:`DECIMALS` (4 for another figure), ``-`` for missing values."""
+    def cell(column, value):
         if value is None:
             return "-"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+        return f"{value:.{DECIMALS.get(column, 4)}f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
