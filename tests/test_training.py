@@ -598,3 +598,21 @@ def test_resume_refuses_to_extend_a_run_that_stopped_early(tmp_path, train, val)
     Trainer(NeverBetter(AEConfig(network=tiny_network())), config(epochs=5, early_stopping_patience=1), out_dir=tmp_path, model_name="ae").fit(train, val=val)
     with pytest.raises(InputError, match="stopped early"):
         Trainer.resume(tmp_path, device="cpu", epochs=8)
+    # patience ran out at the last epoch: a longer run would have stopped there
+    Trainer(NeverBetter(AEConfig(network=tiny_network())), config(epochs=2, early_stopping_patience=1), out_dir=tmp_path / "b", model_name="ae").fit(train, val=val)
+    with pytest.raises(InputError, match="would have stopped there"):
+        Trainer.resume(tmp_path / "b", device="cpu", epochs=4)
+
+
+@pytest.mark.parametrize("make, epochs", [(vae, 0), (lambda: StackedAE(StackedAEConfig(network=tiny_network(hidden=(32, 16)), pretrain_epochs=1)), 0),
+                                          (lambda: StackedAE(StackedAEConfig(network=tiny_network(hidden=(32, 16)), pretrain_epochs=1)), 1)])
+def test_resume_with_more_epochs_starts_the_phases_a_shorter_run_had_not_reached(tmp_path, train, make, epochs):
+    """A run that ended before its end-to-end phase (0 epochs of it), extended, starts that phase as the longer run did."""
+    torch.manual_seed(0)
+    reference = make()
+    longer = Trainer(reference, config(epochs=2)).fit(train)
+    torch.manual_seed(0)
+    Trainer(make(), config(epochs=epochs), out_dir=tmp_path).fit(train)
+    resumed = Trainer.resume(tmp_path, device="cpu", epochs=2)
+    assert without_seconds(resumed.fit(train)) == without_seconds(longer)
+    assert_same_weights(resumed.model, reference)
