@@ -157,8 +157,8 @@ def configs(row: str, schedule: Schedule) -> tuple[VAEConfig, TrainingConfig]:
 def train(row: str, schedule: Schedule, folder: Path, data, device):
     """Train ``row`` into ``folder``, or continue its interrupted run there."""
     monitor = data.test[:MONITOR_IMAGES]
-    if (folder / CHECKPOINT_FILE).exists():
-        trainer = Trainer.resume(folder, device=device)
+    if (folder / CHECKPOINT_FILE).exists():  # --epochs other than the run's is refused there (the iwae schedule is fitted to them)
+        trainer = Trainer.resume(folder, device=device, epochs=schedule.epochs[row])
     else:
         model_config, training = configs(row, schedule)
         torch.manual_seed(training.seed)
