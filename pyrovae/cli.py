@@ -385,7 +385,10 @@ def _saved_options(saved: dict) -> dict:
     network, data = model["network"], metadata["data"]
     options = {
         "model": saved["model_name"],
-        "dataset": data["name"], "binarize": data["binarize"] or "none", "val_size": data["val_size"], "subset": data["subset"],
+        "dataset": data.get("name"), "binarize": data["binarize"] or "none", "val_size": data["val_size"], "subset": data["subset"],
+        "data": data.get("source"), "test_data": data.get("test"), "test_fraction": data.get("test_fraction"),
+        "image_size": data.get("image_size"), "channels": data.get("channels"), "skip_unreadable": data.get("skip_unreadable", False),
+        "cache_dir": data.get("cache_dir"), "storage": data.get("storage", "auto"),
         "hidden": tuple(network["hidden"]), "latent_dim": network["latent_dim"], "conv": network["conv"],
         "activation": network["activation"], "dropout": network["dropout"],
         "batch_size": training["batch_size"], "lr": training["lr"], "optimizer": training["optimizer"],
@@ -418,6 +421,8 @@ def _check_resume_options(args, folder: Path) -> None:
     wrong = []
     for dest in sorted(args.given - set(RESUME_OPTIONS)):
         value = getattr(args, dest)
+        if dest in ("data", "test_data", "cache_dir") and value is not None:  # the run keeps absolute paths
+            value = str(Path(value).resolve())
         if dest not in saved:
             wrong.append(f"{_flag(dest)} {_shown(value)} (the run has no {_flag(dest)})")
         elif value != saved[dest]:
@@ -540,7 +545,8 @@ def cmd_train(args) -> None:
         trainer = Trainer.resume(
             folder, device=device, epochs=args.epochs if "epochs" in args.given else None, progress=False if args.no_progress else None
         )
-        data = _load_data({**metadata["data"], **({"root": args.data_dir} if "data_dir" in args.given else {})}, device)
+        moved = "data_dir" in args.given and "name" in metadata["data"]  # a named dataset's folder (your own images keep their paths)
+        data = _load_data({**metadata["data"], **({"root": args.data_dir} if moved else {})}, device)
     else:
         if distributed.any_rank((folder / CHECKPOINT_FILE).exists()):  # every rank decides before rank 0 writes
             raise InputError(f"{folder} already holds a run: continue it with --resume, or choose another --out")

@@ -495,3 +495,14 @@ def test_tables_print_fixed_decimals(vae_run, capsys):
     for name, decimals in (("nll", 2), ("elbo", 2), ("probe_accuracy", 3), ("mse", 2)):
         assert cells[name] == f"{results[name]:.{decimals}f}", name
     assert results["nll"] != round(results["nll"], 2)  # eval.json keeps full precision
+
+
+def test_a_run_on_your_own_images_resumes_and_extends(photo_folder, tmp_path, capsys):
+    folder = tmp_path / "run"
+    argv = ["train", "--data", str(photo_folder), "--image-size", "8", "--cache-dir", str(tmp_path / "c"), "--out", str(folder), *TINY]
+    assert main(argv) == 0
+    assert main(["train", "--resume", "--out", str(folder), "--epochs", "2", "--data", str(photo_folder), "--no-progress"]) == 0
+    assert len(json.loads((folder / "metrics.json").read_text())) == 2
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(folder), "--epochs", "3", "--image-size", "16", "--no-progress"]) == 2
+    assert "--image-size 16 (the run's: 8)" in capsys.readouterr().err

@@ -130,7 +130,7 @@ def _silence_units(gaussian_net, latent_dim: int, keep: int, scale: float = 3.0)
 
 
 def test_active_units_are_counted_for_both_layers(mnist_dir):
-    x = load_dataset("mnist", root=mnist_dir, binarize="dynamic", subset=300).test  # (300, 1, 28, 28) binary images
+    x = load_dataset("mnist", root=mnist_dir, binarize="dynamic", subset=300).test[:]  # (300, 1, 28, 28) binary images
     vae = small()
     _silence_units(vae.encoder, 3, keep=2)  # z2: 2 of 3 units depend on x
     _silence_units(vae.bottom_encoder, 6, keep=4)  # z1: 4 of 6 units depend on (x, z2)
