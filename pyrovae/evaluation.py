@@ -9,7 +9,10 @@ The Pyro models' densities (the ELBO, the importance-sampled log-likelihood) are
 Pyro traces of the model's own ``guide`` and ``model`` (:func:`log_weights`): every sample site
 counts, with the distribution the program built. So any prior, likelihood and posterior work (a
 flow posterior is scored by its own density, never by its base Gaussian), and so does a model
-with several latent layers (the two-layer VAE's z1 and z2).
+with several latent layers (the two-layer VAE's z1 and z2). :func:`log_likelihood` takes one
+shortcut: for the common program of one latent site (pyrovae's own VAE and CVAE programs, with
+whatever prior, likelihood and posterior), it draws and scores ``z`` without tracing, encoding
+each batch once, and gets the same numbers (see :func:`_one_latent_site`).
 
 A conditional model (the CVAE, ``model.conditional``) models images given their labels: pass
 ``labels: (N,)``, one per image, and its figures are conditional on them. The ELBO and the
@@ -39,6 +42,7 @@ from torch.distributions import constraints
 from .data import ImageData
 from .errors import InputError
 from .likelihoods import check_observations
+from .models import CVAE, VAE
 from .models.base import evaluating
 from .priors import StandardNormal
 from .training import distributed
@@ -105,13 +109,20 @@ def _is_pyro_model(model) -> bool:
     return callable(getattr(model, "guide", None)) and callable(getattr(model, "model", None))
 
 
+def _density_sites(trace) -> list[dict]:
+    """The sample sites of ``trace`` that have a density, in order: not a plate's subsample, not auxiliary."""
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("is_auxiliary")
+    ]
+
+
 def _log_density(trace, observed: bool) -> Tensor:
     """The sum of ``log_prob`` over the sample sites of ``trace`` (observed ones too if ``observed``), unscaled
     and unmasked (no KL weight, no minibatch scale): ``(K, B)`` under the plates of :func:`log_weights`."""
     total = 0.0
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
-            continue  # a plate's subsample, or an auxiliary variable: no density
+    for site in _density_sites(trace):
         if observed or not site["is_observed"]:
             total = total + site["fn"].log_prob(site["value"])
     return total
@@ -134,6 +145,52 @@ def log_weights(model, x: Tensor, num_samples: int = 1, labels: Tensor | None = 
         guide_trace = poutine.trace(model.guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x, **kwargs)
     return _log_density(model_trace, observed=True) - _log_density(guide_trace, observed=False)
+
+
+def _one_latent_site(model, x: Tensor, labels: Tensor | None = None) -> bool:
+    """Whether :func:`log_weights` of ``model`` on images like ``x: (B, C, H, W)`` (and ``labels: (B,)``) is
+    ``log p(x|z) + log p(z) - log q(z|x)`` of one latent site, which :func:`_log_weight_sampler` computes without
+    tracing: ``model`` runs pyrovae's own VAE (or CVAE) program, its class overrides neither ``model`` nor
+    ``guide``, and a trace of one image finds the sites ``z`` in the guide and ``z``, ``x`` (observed) in the
+    model, nothing else. Any other program (two latent layers, a subclass's own program, a prior, likelihood
+    or posterior of the user's that samples sites of its own) is left to the traces. Draws nothing from
+    torch's global generator (the trace's draw is undone), so either way the estimates are the same.
+    """
+    program = next((cls for cls in (CVAE, VAE) if isinstance(model, cls)), None)
+    if program is None or type(model).model is not program.model or type(model).guide is not program.guide:
+        return False
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.plate("particles", 1, dim=-2):
+        kwargs = {} if labels is None else {"y": labels[:1]}
+        guide_trace = poutine.trace(model.guide).get_trace(x[:1], **kwargs)
+        model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x[:1], **kwargs)
+    guide_sites, model_sites = _density_sites(guide_trace), _density_sites(model_trace)
+    return (
+        [(site["name"], site["is_observed"]) for site in guide_sites] == [("z", False)]
+        and [(site["name"], site["is_observed"]) for site in model_sites] == [("z", False), ("x", True)]
+    )
+
+
+def _log_weight_sampler(model, x: Tensor, labels: Tensor | None, one_site: bool):
+    """A function ``k -> (k, B)``: the log-weights of :func:`log_weights` for ``k`` fresh draws for each image of
+    ``x: (B, C, H, W)`` (given ``labels: (B,)`` for a conditional model).
+
+    With ``one_site`` (:func:`_one_latent_site` said so), without traces: the images are encoded once, here,
+    and each call draws ``z = q.rsample((k,))``, ``(k, B, L)``, the very draw the traced guide makes under the
+    particles plate (one standard-normal tensor of that shape, whatever q is), and sums the same three
+    densities. Otherwise each call is :func:`log_weights`, which traces the guide (encoding again) and the model.
+    """
+    if not one_site:
+        return lambda k: log_weights(model, x, k, labels)
+    encode, decode = _networks(model)
+    q = model.posterior(*encode(x, labels))  # batch (B,), event (L,)
+    prior = model.prior()  # batch (), event (L,)
+
+    def sample(k: int) -> Tensor:
+        z = q.rsample((k,))  # (k, B, L)
+        return model.likelihood(decode(z, labels)).log_prob(x) + prior.log_prob(z) - q.log_prob(z)
+
+    return sample
 
 
 def elbo_per_example(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
@@ -268,7 +325,8 @@ def log_likelihood(
     For a batch of ``B`` images (``batch_size``, default 100) the samples are processed in
     chunks: one trace of guide and model with ``K_c`` particles, so ``z`` is ``(K_c, B, L)`` and
     the decoder runs on all of them at once, and a running logsumexp over the chunks (the encoder
-    runs once per chunk, on the ``B`` images). ``K_c`` is chosen from the bytes one (sample, image)
+    runs once per chunk, on the ``B`` images; once per batch for a program of one latent site, which
+    is scored without traces, with the same draws and densities: see :func:`_one_latent_site`). ``K_c`` is chosen from the bytes one (sample, image)
     pair needs (:func:`_bytes_per_unit`) so that a chunk stays under ``max_memory_bytes`` (on the
     CPU also under :data:`CPU_CHUNK_BYTES`, which is faster), whatever ``K`` is; when even one
     sample of the whole batch does not fit, the batch is made smaller.
@@ -313,12 +371,14 @@ def _log_likelihood(vae, x: Tensor, labels: Tensor | None, num_samples: int, bat
 
     results = []
     with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
+        one_site = _one_latent_site(vae, x[:1].to(device), None if labels is None else labels[:1].to(device))
         for start in range(0, len(x), batch):
             xb = x[start : start + batch].to(device)  # (B, C, H, W)
             yb = None if labels is None else labels[start : start + batch].to(device)  # (B,)
+            log_weights_of = _log_weight_sampler(vae, xb, yb, one_site)
             total = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=device)
             for first in range(0, num_samples, samples_per_chunk):
-                log_w = log_weights(vae, xb, min(samples_per_chunk, num_samples - first), yb)  # (K_c, B)
+                log_w = log_weights_of(min(samples_per_chunk, num_samples - first))  # (K_c, B)
                 total = torch.logaddexp(total, torch.logsumexp(log_w.double(), dim=0))
             results.append((total - log_k).to(x.dtype))
     return torch.cat(results).to(x.device)

@@ -7,11 +7,13 @@ diagonal Gaussian that the VAE's guide can represent.
 
 import math
 
+import pyro
 import pytest
 import torch
 from torch import nn
 
-from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, iaf_posterior
+from pyrovae import AE, CVAE, VAE, AEConfig, CVAEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, iaf_posterior
+from pyrovae import evaluation
 from pyrovae.data import ImageData
 from pyrovae.errors import InputError
 from pyrovae.models import MODELS, build_model
@@ -124,7 +126,7 @@ def test_chunking_changes_the_noise_not_the_estimator(observations):
         torch.manual_seed(3)
         vae.decoder.calls = 0
         estimates.append(log_likelihood(vae, observations, num_samples=2000, batch_size=4, max_memory_bytes=budget))
-        calls.append(vae.decoder.calls - 2)  # two calls measure the memory one sample needs
+        calls.append(vae.decoder.calls - 3)  # two calls measure the memory one sample needs, one finds the program's sites
     assert calls[0] > calls[1] > calls[2] == len(observations) // 4  # the budgets really chunk differently
     for estimate in estimates:
         assert (estimate - exact).abs().max() < 0.05  # Monte Carlo error about 0.01 nats
@@ -477,3 +479,94 @@ def test_the_nll_of_the_two_layer_vae_weighs_the_joint_latent(observations):
     assert (estimate - exact).abs().mean() < 0.05
     torch.manual_seed(0)
     assert elbo_per_example(vae, observations.repeat(200, 1, 1, 1)).reshape(200, -1).mean(0).mean() < exact.mean() - 0.01
+
+
+# --------------------------------------------------------------------------- the one-latent-site shortcut of log_likelihood
+
+TINY = NetworkConfig(hidden=(32,), latent_dim=4)
+
+
+class HyperPrior(nn.Module):
+    """p(z | s) = N(0, s^2 I) with a scale s ~ LogNormal(0, 0.1) that is a sample site of its own."""
+
+    def forward(self):
+        s = pyro.sample("prior_scale", pyro.distributions.LogNormal(0.0, 0.1)).unsqueeze(-1)
+        return pyro.distributions.Normal(torch.zeros(TINY.latent_dim), s).to_event(1)
+
+
+class OwnProgramVAE(VAE):
+    """A subclass with a program of its own (here the VAE's, plus a factor): not the program the shortcut knows."""
+
+    def model(self, x=None, num_data=None, batch_size=1):
+        out = super().model(x, num_data, batch_size)
+        pyro.factor("bonus", torch.zeros(()))
+        return out
+
+
+def _binary_images(n=12):
+    return (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+
+
+def _nll_models():
+    torch.manual_seed(0)
+    return {
+        "gaussian": (VAE(VAEConfig(network=TINY)), None),
+        "iaf": (VAE(VAEConfig(network=TINY, posterior="iaf")), None),
+        "vamp": (VAE(VAEConfig(network=TINY, prior="vamp", num_pseudo_inputs=5)), None),
+        "cvae": (CVAE(CVAEConfig(network=TINY)), torch.arange(12) % 10),
+    }
+
+
+@pytest.mark.parametrize("name", ["gaussian", "iaf", "vamp", "cvae"])
+def test_the_one_site_shortcut_gives_the_traced_estimates(name, monkeypatch):
+    model, labels = _nll_models()[name]
+    model.eval()
+    x = _binary_images()
+    assert evaluation._one_latent_site(model, x, labels)  # the shortcut applies to this program
+    torch.manual_seed(1)
+    shortcut = log_likelihood(model, x, num_samples=300, batch_size=5, max_memory_bytes=2**20, labels=labels)
+    monkeypatch.setattr(evaluation, "_one_latent_site", lambda *args: False)  # the traced path, on the same draws
+    torch.manual_seed(1)
+    traced = log_likelihood(model, x, num_samples=300, batch_size=5, max_memory_bytes=2**20, labels=labels)
+    torch.testing.assert_close(shortcut, traced, rtol=0, atol=1e-5)
+
+
+def _counting_log_weights(monkeypatch) -> list:
+    calls = []
+    traced = evaluation.log_weights
+
+    def counting(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("num_samples", 1))
+        return traced(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "log_weights", counting)
+    return calls
+
+
+def test_programs_the_shortcut_does_not_know_are_traced(monkeypatch):
+    torch.manual_seed(0)
+    x = _binary_images(6)
+    covered = VAE(VAEConfig(network=TINY))
+    others = {
+        "two layers": TwoLayerVAE(TwoLayerVAEConfig(network=TINY, top_latent_dim=2)),
+        "a subclass's own program": OwnProgramVAE(VAEConfig(network=TINY)),
+        "a prior with a site of its own": VAE(VAEConfig(network=TINY), prior=HyperPrior()),
+    }
+    calls = _counting_log_weights(monkeypatch)
+    log_likelihood(covered, x, num_samples=40, batch_size=3, max_memory_bytes=2**30)
+    assert calls == [1, 2]  # only the memory measurement traces; the samples are drawn without traces
+    for name, model in others.items():
+        assert not evaluation._one_latent_site(model, x), name
+        calls.clear()
+        estimate = log_likelihood(model, x, num_samples=40, batch_size=3, max_memory_bytes=2**30)
+        assert calls == [1, 2, 40, 40], name  # every batch's samples come from the traces
+        assert torch.isfinite(estimate).all(), name
+
+
+def test_the_shortcut_is_decided_without_drawing_from_the_global_generator():
+    model, _ = _nll_models()["gaussian"]
+    torch.manual_seed(4)
+    evaluation._one_latent_site(model.eval(), _binary_images(2))
+    after = torch.rand(3)
+    torch.manual_seed(4)
+    assert torch.equal(after, torch.rand(3))
