@@ -326,10 +326,11 @@ def log_likelihood(
     chunks: one trace of guide and model with ``K_c`` particles, so ``z`` is ``(K_c, B, L)`` and
     the decoder runs on all of them at once, and a running logsumexp over the chunks (the encoder
     runs once per chunk, on the ``B`` images; once per batch for a program of one latent site, which
-    is scored without traces, with the same draws and densities: see :func:`_one_latent_site`). ``K_c`` is chosen from the bytes one (sample, image)
-    pair needs (:func:`_bytes_per_unit`) so that a chunk stays under ``max_memory_bytes`` (on the
-    CPU also under :data:`CPU_CHUNK_BYTES`, which is faster), whatever ``K`` is; when even one
-    sample of the whole batch does not fit, the batch is made smaller.
+    is scored without traces, with the same draws and densities: see :func:`_one_latent_site`).
+    ``K_c`` is chosen from the bytes one (sample, image) pair needs (:func:`_bytes_per_unit`) so
+    that a chunk stays under ``max_memory_bytes`` (on the CPU also under :data:`CPU_CHUNK_BYTES`,
+    which is faster), whatever ``K`` is; when even one sample of the whole batch does not fit, the
+    batch is made smaller.
 
     The noise comes from torch's global generator: the same seed and chunking give the same
     estimate; another chunking draws other noise (the same estimator). Runs under
