@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
-from pyrovae import AE, CVAE, VAE, AEConfig, CVAEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, iaf_posterior
-from pyrovae import evaluation
+from pyrovae import AE, CVAE, VAE, AEConfig, CVAEConfig, HierarchicalVAE, HierarchicalVAEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, evaluation, iaf_posterior
 from pyrovae.data import ImageData
 from pyrovae.errors import InputError
 from pyrovae.models import MODELS, build_model
@@ -566,6 +565,7 @@ def test_programs_the_shortcut_does_not_know_are_traced(monkeypatch):
     covered = VAE(VAEConfig(network=TINY))
     others = {
         "two layers": TwoLayerVAE(TwoLayerVAEConfig(network=TINY, top_latent_dim=2)),
+        "the hierarchical VAE": HierarchicalVAE(HierarchicalVAEConfig(network=TINY, top_latent_dim=2, num_pseudo_inputs=3)),
         "a subclass's own program": OwnProgramVAE(VAEConfig(network=TINY)),
         "a prior with a site of its own": VAE(VAEConfig(network=TINY), prior=HyperPrior()),
     }
