@@ -103,7 +103,7 @@ def _conditional_encoder(config: CVAEConfig, context_dim: int):
     options = dict(gaussian=True, dropout=net.dropout, context_dim=context_dim)
     if net.conv:
         c, h, w = net.input_shape
-        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, **options)
+        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, depth=net.conv_depth, **options)
     return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, tanh_init=net.tanh_init, **options)
 
 
