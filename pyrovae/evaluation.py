@@ -165,8 +165,10 @@ def test_elbo(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = No
 
     Returns floats ``{"elbo": ..., "bits_per_dim": ... or None}`` (see :func:`elbo_per_example`
     for the estimator; beta = 1). ``bits_per_dim`` is ``(-elbo + D * offset) / (D ln 2)``, with
-    the offset from :func:`discretization_offset`: 0 for a discrete likelihood (Bernoulli) on
-    binary images; ``ln 256`` for a density on [0, 1] images, the standard discretisation of
+    the offset from :func:`discretization_offset`: 0 for a discrete likelihood on the values it
+    has probabilities for (a Bernoulli on binary images; the discretized logistic on 8-bit images
+    ``k / 255``, where the figure is ``-ELBO / (D ln 2)``, the bound's bits per 8-bit value, with no
+    1/255 Jacobian: the [0, 1] values are the 256 bins themselves); ``ln 256`` for a density on [0, 1] images, the standard discretisation of
     8-bit data (the density of 256 bins of width 1/256), so that bits/dim of densities and of
     discrete models compare; ``None`` when neither holds (a Bernoulli on
     grey levels is a relaxation, not a likelihood).
@@ -192,7 +194,8 @@ def discretization_offset(vae, x: Tensor) -> float | None:
     """Nats per dimension to add to ``-log p(x)`` for a log-probability of discrete data, or ``None``.
 
     Decided by the support of the likelihood's distribution (``vae.likelihood(...).support``)
-    and the values of ``x``: a discrete support (Bernoulli: ``boolean``) that holds every pixel
+    and the values of ``x``: a discrete support (Bernoulli: ``boolean``; the discretized logistic:
+    :data:`~pyrovae.likelihoods.eight_bit`, the values ``k / 255``) that holds every pixel
     gives ``0.0`` (log_prob is already a log-probability); a continuous support (Normal,
     Laplace, continuous Bernoulli, a user's density) on images in [0, 1] gives ``log 256``
     (8-bit data: ``P(bin) ~= p(x) / 256`` per pixel); anything else gives ``None``.

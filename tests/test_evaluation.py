@@ -189,6 +189,29 @@ def test_a_uniform_density_on_8_bit_pixels_costs_eight_bits():
     assert result["bits_per_dim"] == pytest.approx(8.0, abs=1e-4)
 
 
+class ConstantDiscretizedLogistic(nn.Module):
+    """z -> the decoder output of a discretized logistic with location 0.4 and scale 0.1 at every value."""
+
+    def forward(self, z):
+        loc = torch.full((*z.shape[:-1], *SHAPE), 0.4)
+        return torch.cat([loc, torch.full_like(loc, math.log(math.expm1(0.1 - 1e-5)))], dim=-3)
+
+
+def test_bits_per_dim_of_the_discretized_logistic_are_its_nats_per_value_over_ln_2():
+    """p(x|z) does not depend on z and q(z|x) is the prior, so the ELBO is log P(x) exactly, computed here by hand."""
+    levels = torch.randint(0, 256, (40, *SHAPE))
+    x = levels / 255
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="discretized_logistic")
+    vae = VAE(config, encoder=PriorEncoder(), decoder=ConstantDiscretizedLogistic())
+    cdf = lambda k: torch.sigmoid(((k.double() / 255) - 0.4) / 0.1)  # noqa: E731
+    upper = torch.where(levels == 255, torch.ones(()).double(), cdf(levels + 0.5))
+    lower = torch.where(levels == 0, torch.zeros(()).double(), cdf(levels - 0.5))
+    log_p = (upper - lower).log().flatten(1).sum(1).mean().item()
+    result = test_elbo(vae, x)
+    assert result["elbo"] == pytest.approx(log_p, rel=1e-5)
+    assert result["bits_per_dim"] == pytest.approx(-log_p / (6 * math.log(2)), rel=1e-5)
+
+
 def test_bits_per_dimension_only_where_they_mean_something(observations):
     grey = torch.rand(50, *SHAPE)
     assert test_elbo(coin_vae("bernoulli"), grey)["bits_per_dim"] is None  # a relaxation, not a likelihood

@@ -2,6 +2,7 @@
 use inside a plain SVI loop, user priors and likelihoods, training on real MNIST, bad input."""
 
 import functools
+import itertools
 import json
 import math
 
@@ -534,6 +535,36 @@ def test_every_builtin_prior_and_likelihood(prior, likelihood, images):
 
 
 # --------------------------------------------------------------------------- training on real MNIST
+
+
+@pytest.mark.parametrize("likelihood", ["discretized_logistic", "discretized_logistic_mixture"])
+def test_a_vae_with_the_discretized_logistic_trains_under_svi_and_has_finite_bits_per_dim(likelihood, mnist):
+    """MNIST's grey levels are 8-bit values k / 255; conv networks, as for colour images."""
+    from pyrovae.evaluation import test_elbo
+
+    vae = VAE(VAEConfig(network=tiny_network(conv=True), likelihood=likelihood))
+    assert vae.decoder(torch.zeros(1, L)).shape == (1, vae.likelihood.outputs_per_value, 28, 28)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    before = test_elbo(vae, mnist.test)
+    for x in itertools.islice(itertools.cycle(batches(mnist.train, 32, shuffle=False)), 30):
+        svi.step(x, num_data=len(mnist.train))
+    after = test_elbo(vae, mnist.test)
+    assert after["elbo"] > before["elbo"] + 150, (before, after)  # about -1470 -> -1130 nats per image
+    assert math.isfinite(after["bits_per_dim"])
+    assert after["bits_per_dim"] == pytest.approx(-after["elbo"] / (784 * math.log(2)))  # 8-bit values: no offset
+
+
+def test_a_colour_vae_at_64x64_with_a_mixture_of_discretized_logistics():
+    vae = VAE(VAEConfig(network=tiny_network(input_shape=(3, 64, 64), conv=True), likelihood="discretized_logistic_mixture"))
+    x = torch.randint(0, 256, (4, 3, 64, 64)) / 255
+    assert vae.decoder(vae.encode(x)).shape == (4, 15 * 3, 64, 64)  # 5 components: location, scale and weight each
+    means = vae.reconstruct(x)
+    assert means.shape == x.shape and 0 <= means.min() and means.max() <= 1
+    drawn = Predictive(vae.model, num_samples=2)(batch_size=3)["x"]
+    assert drawn.shape == (2, 3, 3, 64, 64) and torch.equal(drawn * 255, (drawn * 255).round())
+    assert math.isfinite(Trace_ELBO().loss(vae.model, vae.guide, x))
+    with pytest.raises(InputError, match="outside the likelihood's support EightBit"):
+        Trace_ELBO().loss(vae.model, vae.guide, x + 0.3 / 255)  # grey levels between the 8-bit values
 
 
 def test_short_training_run_lowers_the_loss(mnist):
