@@ -142,7 +142,8 @@ def _network_parent() -> argparse.ArgumentParser:
     parent, group = _new_parent("network")
     group.add_argument("--hidden", type=_int_list, default=(400,), help="MLP hidden widths from the image side, e.g. 512,256 (default: 400)")
     group.add_argument("--latent-dim", type=int, default=None, help=f"size of the code z (default: {_latent_defaults()})")
-    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP")
+    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP, for images whose sides are multiples of 4")
+    group.add_argument("--conv-depth", type=int, default=None, help="stride-2 layers of the conv networks (default: from the image size, 2 for 28x28 and 32x32, 3 for 64x64)")
     group.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=0.0, help="probability of dropping each hidden unit in training; off for evaluation, sampling and figures (default: %(default)s)")
     return parent
@@ -269,7 +270,10 @@ def _network_config(args, image_shape, model: str | None = None) -> NetworkConfi
     """The network of the options; without ``--latent-dim``, the code size of ``model``'s default config
     (``NetworkConfig``'s for none: `compare` gives every model the same network)."""
     latent_dim = args.latent_dim if args.latent_dim is not None else _default_latent_dim(model)
-    return NetworkConfig(input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout)
+    return NetworkConfig(
+        input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout,
+        conv_depth=args.conv_depth,
+    )
 
 
 def _model_config(name: str, network: NetworkConfig, options: dict):

@@ -14,6 +14,7 @@ import torch
 
 from pyrovae import cli
 from pyrovae.cli import build_parser, main
+from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.models import MODELS
 from pyrovae.models.autoencoders import AE
@@ -71,6 +72,15 @@ def test_each_model_gets_its_own_default_code_size():
         assert cli._network_config(args, (1, 28, 28), model).latent_dim == 7, model
     args = build_parser().parse_args(["compare"])
     assert cli._network_config(args, (1, 28, 28)).latent_dim == 50  # compare: one network for every model
+
+
+def test_conv_networks_take_the_images_size_and_an_optional_depth():
+    args = build_parser().parse_args(["train", "--conv"])
+    assert cli._network_config(args, (3, 64, 48)).conv_depth is None  # follows from the size
+    args = build_parser().parse_args(["train", "--conv", "--conv-depth", "3"])
+    assert cli._network_config(args, (3, 64, 64)).conv_depth == 3
+    with pytest.raises(InputError, match="multiples of 4, got 30x30"):
+        cli._network_config(build_parser().parse_args(["train", "--conv"]), (1, 30, 30))
 
 
 def test_help_lists_the_choices(capsys):
