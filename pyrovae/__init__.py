@@ -22,6 +22,8 @@ from .models import (
     CVAEConfig,
     DenoisingAE,
     DenoisingAEConfig,
+    HierarchicalVAE,
+    HierarchicalVAEConfig,
     SparseAE,
     SparseAEConfig,
     StackedAE,
@@ -48,7 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImageData", "load_dataset", "resolve_device", "InputError",
     "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedLogisticLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
-    "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
+    "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "HierarchicalVAE", "HierarchicalVAEConfig", "SparseAE",
     "SparseAEConfig", "StackedAE", "StackedAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "VAEConfig", "build_model",
     "ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "NetworkConfig",
     "DiagonalGaussian", "FlowPosterior", "iaf_posterior", "planar_posterior", "make_posterior",
