@@ -523,6 +523,25 @@ def test_bad_likelihood_is_rejected_at_construction(likelihood, message):
         VAE(VAEConfig(network=tiny_network()), likelihood=likelihood)
 
 
+class DiscretizedLogisticPixels:
+    """The discretized logistic's probability of each pixel from torch's logistic CDF (a sigmoid-transformed uniform):
+    decoder output ``(B, P * C, H, W)`` with locations, raw scales (softplus + 1e-5) and mixture logits of K components."""
+
+    def __init__(self, out, components):
+        params = out.unflatten(1, (2 if components == 1 else 3 * components, -1))  # (B, P, C, H, W)
+        self.loc, self.scale = params[:, :components], F.softplus(params[:, components : 2 * components]) + 1e-5  # (B, K, C, H, W)
+        self.weights = torch.softmax(params[:, 2 * components :], 1) if components > 1 else torch.ones_like(self.loc)
+
+    def log_prob(self, x):
+        uniform = torch.distributions.Uniform(torch.zeros_like(self.loc), torch.ones_like(self.loc))
+        transforms = [torch.distributions.SigmoidTransform().inv, torch.distributions.AffineTransform(self.loc, self.scale)]
+        logistic = torch.distributions.TransformedDistribution(uniform, transforms)
+        k = (x * 255).round().unsqueeze(1)  # (B, 1, C, H, W)
+        upper = torch.where(k == 255, torch.ones_like(self.loc), logistic.cdf(((k + 0.5) / 255).expand_as(self.loc)))
+        lower = torch.where(k == 0, torch.zeros_like(self.loc), logistic.cdf(((k - 0.5) / 255).expand_as(self.loc)))
+        return (self.weights * (upper - lower)).sum(1).log()
+
+
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 @pytest.mark.parametrize("prior", sorted(PRIORS))
 def test_every_builtin_prior_and_likelihood(prior, likelihood, images):
@@ -539,6 +558,8 @@ def test_every_builtin_prior_and_likelihood(prior, likelihood, images):
             "continuous_bernoulli": lambda: torch.distributions.ContinuousBernoulli(logits=out),
             "normal": lambda: torch.distributions.Normal(out, vae.likelihood.scale),
             "laplace": lambda: torch.distributions.Laplace(out, vae.likelihood.scale),
+            "discretized_logistic": lambda: DiscretizedLogisticPixels(out, 1),
+            "discretized_logistic_mixture": lambda: DiscretizedLogisticPixels(out, 5),
         }[likelihood]()
         log_lik = pixels.log_prob(x).flatten(1).sum(1)
         log_p = reference_prior(prior, vae.prior, L).log_prob(z)
