@@ -93,6 +93,11 @@ class HierarchicalVAEConfig(VAEConfig):
             raise InputError("the hierarchical VAE's joint networks need at least one hidden layer (network.hidden)")
         if self.posterior != "gaussian":
             raise InputError(f"the hierarchical VAE's q(z2|x) and q(z1|x, z2) are diagonal Gaussians; posterior={self.posterior!r} is not offered")
+        if self.elbo == "meanfield":
+            raise InputError(
+                "the hierarchical VAE takes elbo='trace' or 'iwae', not 'meanfield': TraceMeanField_ELBO integrates z1's KL as if "
+                "z1 and z2 were independent in the guide, but q(z1|x, z2) depends on z2, so it would train another objective"
+            )
 
 
 class HierarchicalVAE(AutoencoderMixin, PyroModule):

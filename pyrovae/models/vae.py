@@ -106,6 +106,22 @@ class VAEConfig:
 
     The IWAE bound is a log-mean-exp over particles of whole log-weights; a weight on the KL part
     inside it would change the bound itself, so ``elbo="iwae"`` needs ``beta=1`` and no warm-up.
+
+    Which ELBOs each model takes (``elbo=``; every prior, posterior and likelihood alike)::
+
+        model                          trace   meanfield   iwae
+        vae   (VAE, any prior incl.     yes     yes         yes
+              VampPrior; Gaussian,
+              IAF or planar posterior)
+        cvae  (CVAE, likewise)          yes     yes         yes
+        vae2  (TwoLayerVAE)             yes     refused     yes
+        hvae  (HierarchicalVAE)         yes     refused     yes
+
+    TraceMeanField_ELBO replaces a site's ``log q - log p`` by ``KL(q || p)`` where torch knows it
+    (a Gaussian q against the normal prior) and keeps the Monte Carlo term where it does not (flows,
+    the other priors, the VampPrior): both estimate the ELBO when the guide has one latent site, as the
+    VAE's and the CVAE's have. The two-layer VAE's q(z2|z1) depends on z1 (the hierarchical VAE's q(z1|x, z2)
+    on z2), so there it would estimate another objective (see :class:`~pyrovae.models.two_layer.TwoLayerVAEConfig`).
     """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
