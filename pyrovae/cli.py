@@ -535,8 +535,8 @@ def cmd_train(args) -> None:
     results["training_seconds"] = round(seconds, 2)
     results["figures"] = _figures(model, data, history, folder)
     _write_json(folder / "summary.json", results)
-    print(_format_table([results], _table_columns(results, "figures")))
     print(_per_class_line(results))
+    print(_format_table([results], _table_columns(results, "figures")))
     print(f"run written to {folder}")
 
 
@@ -558,8 +558,8 @@ def cmd_eval(args) -> None:
     print(f"test set: {len(data.test)} images of {data.name}, {data.protocol}"
           + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else "")
           + ("; ELBO and NLL of log p(x|y), given each test image's label" if model.conditional else ""))
-    print(_format_table([results], _table_columns(results, "protocol")))
     print(_per_class_line(results))
+    print(_format_table([results], _table_columns(results, "protocol")))
 
 
 def cmd_sample(args) -> None:
