@@ -55,6 +55,8 @@ __all__ = [
     "log_likelihood",
     "reconstruction_error",
     "linear_probe",
+    "probe_predictions",
+    "per_class_accuracy",
     "mmd",
     "aggregate_posterior_samples",
     "prior_mmd",
@@ -223,8 +225,10 @@ def test_elbo(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = No
 
     Returns floats ``{"elbo": ..., "bits_per_dim": ... or None}`` (see :func:`elbo_per_example`
     for the estimator; beta = 1). ``bits_per_dim`` is ``(-elbo + D * offset) / (D ln 2)``, with
-    the offset from :func:`discretization_offset`: 0 for a discrete likelihood (Bernoulli) on
-    binary images; ``ln 256`` for a density on [0, 1] images, the standard discretisation of
+    the offset from :func:`discretization_offset`: 0 for a discrete likelihood on the values it
+    has probabilities for (a Bernoulli on binary images; the discretized logistic on 8-bit images
+    ``k / 255``, where the figure is ``-ELBO / (D ln 2)``, the bound's bits per 8-bit value, with no
+    1/255 Jacobian: the [0, 1] values are the 256 bins themselves); ``ln 256`` for a density on [0, 1] images, the standard discretisation of
     8-bit data (the density of 256 bins of width 1/256), so that bits/dim of densities and of
     discrete models compare; ``None`` when neither holds (a Bernoulli on
     grey levels is a relaxation, not a likelihood).
@@ -250,7 +254,8 @@ def discretization_offset(vae, x: Tensor) -> float | None:
     """Nats per dimension to add to ``-log p(x)`` for a log-probability of discrete data, or ``None``.
 
     Decided by the support of the likelihood's distribution (``vae.likelihood(...).support``)
-    and the values of ``x``: a discrete support (Bernoulli: ``boolean``) that holds every pixel
+    and the values of ``x``: a discrete support (Bernoulli: ``boolean``; the discretized logistic:
+    :data:`~pyrovae.likelihoods.eight_bit`, the values ``k / 255``) that holds every pixel
     gives ``0.0`` (log_prob is already a log-probability); a continuous support (Normal,
     Laplace, continuous Bernoulli, a user's density) on images in [0, 1] gives ``log 256``
     (8-bit data: ``P(bin) ~= p(x) / 256`` per pixel); anything else gives ``None``.
@@ -443,7 +448,35 @@ def linear_probe(
     batch_size: int = 1000,
     encode_with_labels: bool = False,
 ) -> float:
-    """Test accuracy, in ``[0, 1]``, of a multinomial logistic regression on the codes.
+    """Test accuracy, in ``[0, 1]``, of a multinomial logistic regression on the codes (see :func:`probe_predictions`)."""
+    predicted = probe_predictions(encode, train_x, train_y, test_x, test_y, steps, l2, batch_size, encode_with_labels)
+    return (predicted == test_y.to(predicted.device)).double().mean().item()
+
+
+def per_class_accuracy(predicted: Tensor, labels: Tensor, class_names=None) -> dict[str, float]:
+    """The accuracy of ``predicted: (N,)`` within each class of ``labels: (N,)``, keyed by the class's name
+    (``class_names[k]`` for class ``k``; ``str(k)`` without names), for the classes present, in index order."""
+    predicted, labels = predicted.cpu(), labels.cpu()
+    classes = labels.unique().tolist()
+    if class_names is not None and classes and max(classes) >= len(class_names):
+        raise InputError(f"class_names has {len(class_names)} names, not one for each class index up to {max(classes)}")
+    return {
+        (str(k) if class_names is None else str(class_names[k])): (predicted[labels == k] == k).double().mean().item() for k in classes
+    }
+
+
+def probe_predictions(
+    encode,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    steps: int = 200,
+    l2: float = 1e-3,
+    batch_size: int = 1000,
+    encode_with_labels: bool = False,
+) -> Tensor:
+    """The classes ``(N_test,)`` that a multinomial logistic regression on the codes predicts for ``test_x``.
 
     ``encode`` maps images ``(B, C, H, W)`` to codes ``(B, L)`` (``model.encode``); labels are
     int64 ``(N,)``. With ``encode_with_labels``, ``encode`` also takes each image's own label
@@ -489,8 +522,7 @@ def linear_probe(
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():
-        predicted = (test_codes @ weight + bias).argmax(1)
-    return (predicted == test_y).double().mean().item()
+        return (test_codes @ weight + bias).argmax(1)
 
 
 # --------------------------------------------------------------------------- aggregated posterior vs prior
@@ -693,12 +725,14 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     """Every measure that applies to ``model``, on ``data.test`` (the probe trains on ``data.train``).
 
     All models (VAE, autoencoders, :class:`PCA`): ``"mse"``, ``"bce"`` (see
-    :func:`reconstruction_error`) and ``"probe_accuracy"`` (see :func:`linear_probe`). All but
+    :func:`reconstruction_error`), ``"probe_accuracy"`` (see :func:`linear_probe`) and
+    ``"probe_accuracy_per_class"``, the probe's accuracy on each test class, a dict keyed by the
+    class's name where the data have names (``data.class_names``), else by its index. All but
     PCA: ``"prior_mmd"``, how far the codes of the first :data:`MMD_IMAGES` test images are from
     the prior (see :func:`prior_mmd`).
     The VAEs (the Pyro models: a ``model`` and a ``guide``) also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
-    importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
+    importance samples (nats per image). Values are floats (``"bce"`` may be ``None``), but for the per-class dict.
     A conditional model (the CVAE) is given the test labels throughout: ``"elbo"`` and ``"nll"`` are
     of ``log p(x|y)``, reconstructions use each image's label, and the codes (probe, MMD) are those of q(z|x, y).
     """
@@ -719,7 +753,7 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
             encode = lambda images, y: model.encode(images.to(model.device), y.to(model.device))  # noqa: E731
         else:
             encode = lambda images: model.encode(images.to(model.device))  # noqa: E731
-        results["probe_accuracy"] = linear_probe(
-            encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional
-        )
+        predicted = probe_predictions(encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional)
+        results["probe_accuracy"] = (predicted == data.test_labels.to(predicted.device)).double().mean().item()
+        results["probe_accuracy_per_class"] = per_class_accuracy(predicted, data.test_labels, getattr(data, "class_names", None))
     return results

@@ -6,6 +6,7 @@ diagonal Gaussian that the VAE's guide can represent.
 """
 
 import math
+from types import SimpleNamespace
 
 import pyro
 import pytest
@@ -27,6 +28,7 @@ from pyrovae.evaluation import (
     linear_probe,
     log_likelihood,
     mmd,
+    per_class_accuracy,
     prior_mmd,
     reconstruction_error,
     test_elbo,
@@ -191,6 +193,29 @@ def test_a_uniform_density_on_8_bit_pixels_costs_eight_bits():
     assert result["bits_per_dim"] == pytest.approx(8.0, abs=1e-4)
 
 
+class ConstantDiscretizedLogistic(nn.Module):
+    """z -> the decoder output of a discretized logistic with location 0.4 and scale 0.1 at every value."""
+
+    def forward(self, z):
+        loc = torch.full((*z.shape[:-1], *SHAPE), 0.4)
+        return torch.cat([loc, torch.full_like(loc, math.log(math.expm1(0.1 - 1e-5)))], dim=-3)
+
+
+def test_bits_per_dim_of_the_discretized_logistic_are_its_nats_per_value_over_ln_2():
+    """p(x|z) does not depend on z and q(z|x) is the prior, so the ELBO is log P(x) exactly, computed here by hand."""
+    levels = torch.randint(0, 256, (40, *SHAPE))
+    x = levels / 255
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="discretized_logistic")
+    vae = VAE(config, encoder=PriorEncoder(), decoder=ConstantDiscretizedLogistic())
+    cdf = lambda k: torch.sigmoid(((k.double() / 255) - 0.4) / 0.1)  # noqa: E731
+    upper = torch.where(levels == 255, torch.ones(()).double(), cdf(levels + 0.5))
+    lower = torch.where(levels == 0, torch.zeros(()).double(), cdf(levels - 0.5))
+    log_p = (upper - lower).log().flatten(1).sum(1).mean().item()
+    result = test_elbo(vae, x)
+    assert result["elbo"] == pytest.approx(log_p, rel=1e-5)
+    assert result["bits_per_dim"] == pytest.approx(-log_p / (6 * math.log(2)), rel=1e-5)
+
+
 def test_bits_per_dimension_only_where_they_mean_something(observations):
     grey = torch.rand(50, *SHAPE)
     assert test_elbo(coin_vae("bernoulli"), grey)["bits_per_dim"] is None  # a relaxation, not a likelihood
@@ -264,6 +289,28 @@ def test_linear_probe_separates_separable_codes():
         linear_probe(encode, train_x, train_y[:10], test_x, test_y)
 
 
+def test_the_probe_reports_its_accuracy_on_each_class_by_name():
+    """Class 0 always recognised, class 1 half the time, class 2 never; the names are the data's."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 0, 1, 0, 1, 2, 0, 1, 0])
+    names = ["cat", "dog", "frog"]
+    assert per_class_accuracy(predicted, labels, names) == {"cat": 1.0, "dog": 0.5, "frog": 0.0}
+    assert per_class_accuracy(predicted, labels) == {"0": 1.0, "1": 0.5, "2": 0.0}
+    with pytest.raises(InputError, match="class_names has 2 names"):
+        per_class_accuracy(predicted, labels, names[:2])
+
+
+def test_evaluate_keys_the_probes_accuracy_per_class_by_the_datas_class_names():
+    data = _tiny_data()
+    named = SimpleNamespace(**vars(data), class_names=["dark", "light"])  # the data of an image folder with two sub-folders
+    pca = PCA(3).fit(data.train)
+    results = evaluate(pca, named)
+    per_class = results["probe_accuracy_per_class"]
+    assert list(per_class) == ["dark", "light"]
+    counts = torch.bincount(data.test_labels).double()
+    assert sum(per_class[name] * counts[k].item() for k, name in enumerate(["dark", "light"])) / len(data.test) == pytest.approx(results["probe_accuracy"])
+
+
 def test_pca_reconstructs_data_in_its_subspace_exactly():
     generator = torch.Generator().manual_seed(0)
     basis = torch.randn(3, 12, generator=generator)
@@ -301,13 +348,14 @@ def test_evaluate_reports_what_applies_to_each_model():
     torch.manual_seed(0)
     vae = VAE(VAEConfig(network=network)).eval()
     results = evaluate(vae, data, num_samples=20)
-    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "prior_mmd", "probe_accuracy"}
+    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "prior_mmd", "probe_accuracy", "probe_accuracy_per_class"}
     assert results.pop("bits_per_dim") is None  # a Bernoulli on grey levels has no bits/dim
+    assert set(results.pop("probe_accuracy_per_class")) == {"0", "1"}  # no class names: the indices
     assert all(isinstance(v, float) for v in results.values())
     assert results["nll"] < -results["elbo"] + 1.0  # the 20-sample bound is at least about as tight
     assert "nll" not in evaluate(vae, data, num_samples=0)
-    assert set(evaluate(AE(AEConfig(network=network)), data)) == {"mse", "bce", "prior_mmd", "probe_accuracy"}
-    assert set(evaluate(PCA(3).fit(data.train), data)) == {"mse", "bce", "probe_accuracy"}
+    assert set(evaluate(AE(AEConfig(network=network)), data)) == {"mse", "bce", "prior_mmd", "probe_accuracy", "probe_accuracy_per_class"}
+    assert set(evaluate(PCA(3).fit(data.train), data)) == {"mse", "bce", "probe_accuracy", "probe_accuracy_per_class"}
 
 
 def test_evaluation_turns_dropout_off_and_restores_the_mode():
