@@ -165,7 +165,8 @@ def _network_parent() -> argparse.ArgumentParser:
     parent, group = _new_parent("network")
     group.add_argument("--hidden", type=_int_list, default=(400,), help="MLP hidden widths from the image side, e.g. 512,256 (default: 400)")
     group.add_argument("--latent-dim", type=int, default=None, help=f"size of the code z (default: {_latent_defaults()})")
-    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP")
+    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP, for images whose sides are multiples of 4")
+    group.add_argument("--conv-depth", type=int, default=None, help="stride-2 layers of the conv networks (default: from the image size, 2 for 28x28 and 32x32, 3 for 64x64)")
     group.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=0.0, help="probability of dropping each hidden unit in training; off for evaluation, sampling and figures (default: %(default)s)")
     return parent
@@ -339,7 +340,10 @@ def _network_config(args, image_shape, model: str | None = None) -> NetworkConfi
     """The network of the options; without ``--latent-dim``, the code size of ``model``'s default config
     (``NetworkConfig``'s for none: `compare` gives every model the same network)."""
     latent_dim = args.latent_dim if args.latent_dim is not None else _default_latent_dim(model)
-    return NetworkConfig(input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout)
+    return NetworkConfig(
+        input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout,
+        conv_depth=args.conv_depth,
+    )
 
 
 def _model_config(name: str, network: NetworkConfig, options: dict):
@@ -496,11 +500,12 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     # principal axes, which show their structure (an isotropic prior's axes are arbitrary)
     with torch.no_grad():
         prior_samples = model.prior().sample((2000,)) if isinstance(model, AAE) else None
+    class_names = getattr(data, "class_names", None)  # an image folder's sub-folders, torchvision's classes
     if labels is not None:  # the codes coloured by class
-        plots.latent_scatter(model, x, labels[:2000], path=folder / "latent.png", prior_samples=prior_samples)
+        plots.latent_scatter(model, x, labels[:2000], path=folder / "latent.png", prior_samples=prior_samples, class_names=class_names)
         written.append("latent.png")
     if model.conditional:
-        plots.class_samples(model, path=folder / "samples.png")
+        plots.class_samples(model, path=folder / "samples.png", class_names=class_names)
         written.append("samples.png")
     elif hasattr(model, "sample"):
         plots.samples(model, path=folder / "samples.png")
@@ -529,6 +534,17 @@ def _format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _table_columns(results: dict, *leave_out: str) -> list[str]:
+    """The keys of ``results`` with one value each (not ``leave_out``, not the per-class dict): a table's columns."""
+    return [k for k, v in results.items() if k not in leave_out and not isinstance(v, dict)]
+
+
+def _per_class_line(results: dict) -> str:
+    """The linear probe's accuracy on each class, by name, on one line."""
+    per_class = results["probe_accuracy_per_class"]
+    return "probe accuracy per class: " + ", ".join(f"{name} {value:.3f}" for name, value in per_class.items())  # as the table's accuracies
 
 
 # --------------------------------------------------------------------------- commands
@@ -581,7 +597,8 @@ def cmd_train(args) -> None:
         write_text_atomic(folder / SKIPPED_FILE, "".join(f"{path}\n" for path in data.skipped))
         results["skipped_images"] = len(data.skipped)
     _write_json(folder / "summary.json", results)
-    print(_format_table([results], [k for k in results if k != "figures"]))
+    print(_per_class_line(results))
+    print(_format_table([results], _table_columns(results, "figures")))
     print(f"run written to {folder}")
 
 
@@ -603,7 +620,8 @@ def cmd_eval(args) -> None:
     print(f"test set: {len(data.test)} images of {data.name}, {data.protocol}"
           + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else "")
           + ("; ELBO and NLL of log p(x|y), given each test image's label" if model.conditional else ""))
-    print(_format_table([results], [k for k in results if k != "protocol"]))
+    print(_per_class_line(results))
+    print(_format_table([results], _table_columns(results, "protocol")))
 
 
 def cmd_sample(args) -> None:
@@ -664,7 +682,7 @@ def cmd_compare(args) -> None:
         trained[name] = model
         print(f"{name}: done in {seconds:.1f} s")
 
-    columns = ["model"] + sorted({k for row in rows for k in row} - {"model", "training_seconds"}) + ["training_seconds"]
+    columns = ["model"] + sorted({k for row in rows for k in _table_columns(row)} - {"model", "training_seconds"}) + ["training_seconds"]
     table = _format_table(rows, columns)
     folder.mkdir(parents=True, exist_ok=True)
     header = f"# Comparison on {data.name}: {args.epochs} epochs, latent {network.latent_dim}, {'conv' if network.conv else 'MLP ' + str(list(network.hidden))}\n\n"

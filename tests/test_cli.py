@@ -16,6 +16,7 @@ import torch
 
 from pyrovae import cli
 from pyrovae.cli import build_parser, main
+from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.models import MODELS
 from pyrovae.models.autoencoders import AE
@@ -75,6 +76,15 @@ def test_each_model_gets_its_own_default_code_size():
     assert cli._network_config(args, (1, 28, 28)).latent_dim == 50  # compare: one network for every model
 
 
+def test_conv_networks_take_the_images_size_and_an_optional_depth():
+    args = build_parser().parse_args(["train", "--conv"])
+    assert cli._network_config(args, (3, 64, 48)).conv_depth is None  # follows from the size
+    args = build_parser().parse_args(["train", "--conv", "--conv-depth", "3"])
+    assert cli._network_config(args, (3, 64, 64)).conv_depth == 3
+    with pytest.raises(InputError, match="multiples of 4, got 30x30"):
+        cli._network_config(build_parser().parse_args(["train", "--conv"]), (1, 30, 30))
+
+
 def test_help_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["train", "--help"])
@@ -101,8 +111,10 @@ def test_eval_reports_an_nll_tighter_than_the_elbo_and_its_protocol(vae_run, cap
     assert results["nll"] < -results["elbo"]  # importance sampling tightens the bound
     assert 0 <= results["probe_accuracy"] <= 1
     assert results["nll_samples"] == 50 and results["test_images"] == 300
+    assert len(results["probe_accuracy_per_class"]) == 10 and all(0 <= v <= 1 for v in results["probe_accuracy_per_class"].values())
     out = capsys.readouterr().out
     assert "grey levels" in out and "k=50" in out
+    assert "probe accuracy per class: " in out and "{" not in out  # a line of its own, not a dict in the table
 
 
 def test_eval_of_a_binarized_run_says_so(tmp_path, data_dir, capsys):

@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import quality  # noqa: E402
+from pyrovae.nets import NetworkConfig  # noqa: E402
 from pyrovae.training import StagedDecay, load_model  # noqa: E402
 
 #: a finished run of a tiny VAE with the files of a committed row (written by tests/fixtures/make_quality_tiny.py)
@@ -194,6 +195,8 @@ def test_the_committed_rows_were_trained_from_what_their_commands_build_today():
         schedule = quality.SCHEDULES[schedule_name]
         schedule = replace(schedule, epochs={**schedule.epochs, row: epochs})
         result["model_config"]["network"].setdefault("tanh_init", "pytorch")
+        for name, default in _plain(NetworkConfig()).items():  # network fields added since: at their defaults
+            result["model_config"]["network"].setdefault(name, default)
         for built, recorded in zip(quality.configs(row, schedule, seed), (result["model_config"], result["training_config"])):
             defaults = _plain(type(built)())
             for name, value in _plain(built).items():

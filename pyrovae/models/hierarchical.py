@@ -48,6 +48,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor
 
 from ..errors import InputError
+from ..likelihoods import make_likelihood, outputs_per_value
 from ..nets import GaussianMLP, JointMLP, NetworkConfig, build_encoder
 from .base import AutoencoderMixin, Progress, Update
 from .vae import (
@@ -129,7 +130,10 @@ class HierarchicalVAE(AutoencoderMixin, PyroModule):
         self.encoder = encoder if encoder is not None else build_encoder(replace(net, latent_dim=l2), gaussian=True)
         self.bottom_encoder = bottom_encoder if bottom_encoder is not None else JointMLP((d, l2), (l1,), hidden, gaussian=True, **options)
         self.top_decoder = top_decoder if top_decoder is not None else GaussianMLP(l2, l1, tuple(reversed(hidden)), **options)
-        self.decoder = decoder if decoder is not None else JointMLP((l1, l2), net.input_shape, tuple(reversed(hidden)), **options)
+        likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        c, h, w = net.input_shape
+        output_shape = (outputs_per_value(likelihood) * c, h, w)  # P values per pixel for a likelihood with P parameters
+        self.decoder = decoder if decoder is not None else JointMLP((l1, l2), output_shape, tuple(reversed(hidden)), **options)
         _set_prior_likelihood_objective(self, config, prior, likelihood, l2)
         with torch.no_grad():
             _check_likelihood(self.likelihood, self.decoder(torch.zeros(2, self.latent_dim, device=self.device)), self.input_shape)

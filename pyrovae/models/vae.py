@@ -66,7 +66,7 @@ from pyro.poutine.util import is_validation_enabled, prune_subsample_sites
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..likelihoods import LIKELIHOODS, make_likelihood
+from ..likelihoods import LIKELIHOODS, make_likelihood, outputs_per_value
 from ..nets import NetworkConfig, build_decoder, build_encoder
 from ..posteriors import POSTERIORS, make_posterior, point_estimate
 from ..priors import PRIORS, check_prior, make_prior
@@ -363,7 +363,8 @@ class VAE(AutoencoderMixin, PyroModule):
     ``prior``, ``likelihood``, ``posterior``, ``encoder`` and ``decoder`` default to what ``config`` names;
     pass your own to replace them (see :mod:`pyrovae.priors`, :mod:`pyrovae.likelihoods` and :mod:`pyrovae.posteriors`).
     The encoder must return ``(loc, scale)``, each ``(B, L)`` (and a context ``(B, C)`` after them for a flow
-    posterior); the decoder ``(..., L) -> (..., C, H, W)``.
+    posterior); the decoder ``(..., L) -> (..., C, H, W)``, or ``(..., P * C, H, W)`` for a likelihood with
+    ``outputs_per_value = P`` (see :mod:`pyrovae.likelihoods`).
     ``name`` prefixes the names of its parameters in Pyro's param store (see the module docs).
     """
 
@@ -380,7 +381,8 @@ class VAE(AutoencoderMixin, PyroModule):
         self.posterior = posterior if posterior is not None else make_posterior(config.posterior, net.latent_dim, config.flow_layers)
         context_dim = getattr(self.posterior, "context_dim", 0)
         self.encoder = encoder if encoder is not None else build_encoder(net, gaussian=True, context_dim=context_dim)
-        self.decoder = decoder if decoder is not None else build_decoder(net)
+        likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        self.decoder = decoder if decoder is not None else build_decoder(net, outputs_per_value(likelihood))
         _set_prior_likelihood_objective(self, config, prior, likelihood, self.prior_dim)
         with torch.no_grad():
             _check_posterior(self.posterior, self.encoder(torch.zeros(2, *self.input_shape, device=self.device)), self.latent_dim)
