@@ -597,7 +597,8 @@ def cmd_train(args) -> None:
         write_text_atomic(folder / SKIPPED_FILE, "".join(f"{path}\n" for path in data.skipped))
         results["skipped_images"] = len(data.skipped)
     _write_json(folder / "summary.json", results)
-    print(_per_class_line(results))
+    if "probe_accuracy_per_class" in results:  # labelled images
+        print(_per_class_line(results))
     print(_format_table([results], _table_columns(results, "figures")))
     print(f"run written to {folder}")
 
@@ -620,7 +621,8 @@ def cmd_eval(args) -> None:
     print(f"test set: {len(data.test)} images of {data.name}, {data.protocol}"
           + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else "")
           + ("; ELBO and NLL of log p(x|y), given each test image's label" if model.conditional else ""))
-    print(_per_class_line(results))
+    if "probe_accuracy_per_class" in results:  # labelled images
+        print(_per_class_line(results))
     print(_format_table([results], _table_columns(results, "protocol")))
 
 

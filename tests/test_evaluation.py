@@ -5,8 +5,8 @@ p(x) = N(x; b, W W^T + s^2 I) exactly and, with orthogonal columns of W, the tru
 diagonal Gaussian that the VAE's guide can represent.
 """
 
+import dataclasses
 import math
-from types import SimpleNamespace
 
 import pyro
 import pytest
@@ -302,7 +302,7 @@ def test_the_probe_reports_its_accuracy_on_each_class_by_name():
 
 def test_evaluate_keys_the_probes_accuracy_per_class_by_the_datas_class_names():
     data = _tiny_data()
-    named = SimpleNamespace(**vars(data), class_names=["dark", "light"])  # the data of an image folder with two sub-folders
+    named = dataclasses.replace(data, class_names=("dark", "light"))  # the data of an image folder with two sub-folders
     pca = PCA(3).fit(data.train)
     results = evaluate(pca, named)
     per_class = results["probe_accuracy_per_class"]
