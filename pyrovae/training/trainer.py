@@ -33,9 +33,12 @@ and ``batch_size`` is the global batch. Every rank draws the same permutation (a
 noise) for the whole global batch and trains on its contiguous shard of it, labels sliced alike;
 after each backward the gradients are averaged across ranks, each rank's weighted by its share of
 the batch, so the optimizers step on the gradient of the global batch's mean loss, uneven last
-batches included (every global batch must hold at least ``W`` images). ``Progress.num_data``
-stays the dataset's size. The step's figures, validation and test losses are reduced across
-ranks the same way, so the history is that of whole batches. Only rank 0 writes the run folder;
+batches included (every global batch must hold at least ``W`` images). A loss that is a non-linear
+function of a mean over the batch (free bits, a sparse autoencoder's penalty) takes that mean of
+the whole batch from ``update.batch_mean``, whose gradient composes with this averaging.
+``Progress.num_data`` stays the dataset's size. The step's figures are reduced across ranks the
+same way; validation and test losses are scored in the very batches one process scores, each rank
+taking every ``W``-th, so the history is that of whole batches. Only rank 0 writes the run folder;
 a new run copies rank 0's weights to every rank, and seeds torch's global RNG with
 :func:`~.distributed.rank_seed` (``seed`` itself on rank 0), so the draws inside a step (a VAE's z,
 dropout) are independent across shards: unlike the data, they are not those of one process.
@@ -162,6 +165,11 @@ class _Updater:
             torch.nn.utils.clip_grad_norm_(self.params[group], self.grad_clip)
         optimizer.step()
         return loss
+
+    def batch_mean(self, local: Tensor) -> Tensor:
+        """The global batch's mean of a statistic, from ``local``, its mean over this rank's shard (see
+        :func:`.distributed.batch_mean`: its gradient composes with the averaging of :meth:`_average`)."""
+        return distributed.batch_mean(local, self.share) if self.parallel else local
 
     def _average(self, group: str, loss: Tensor) -> Tensor:
         """Make every gradient of ``group`` the global batch's, on every rank; return the global batch's loss.
@@ -601,15 +609,16 @@ class Trainer:
     def _validate(self, val: Tensor, labels: Tensor | None) -> float:
         """Loss per example on ``val`` (with its ``labels``, for a conditional model) in eval mode.
 
-        With ``W > 1`` ranks each scores its contiguous shard of ``val`` and the sums are all-reduced.
+        With ``W > 1`` ranks, rank ``r`` scores batches ``r, r + W, ...`` of the very batches one process
+        scores (a loss that depends on its batch, as a sparse autoencoder's penalty does, is then one
+        process's), and the sums are all-reduced.
         """
         model = self.model
         model.eval()
         total = 0.0
         rank, world = self._ranks
-        lo, hi = distributed.shard_bounds(len(val), rank, world)  # all of val for one process
-        if world == 1 or hi > lo:
-            for batch in batches(val[lo:hi], self.config.batch_size, shuffle=False, labels=None if labels is None else labels[lo:hi]):
+        for index, batch in enumerate(batches(val, self.config.batch_size, shuffle=False, labels=labels)):
+            if index % world == rank:
                 x, given = _labelled(batch)
                 total = total + model.validation_loss(x, **given) * len(x)
         model.train()
