@@ -112,12 +112,13 @@ def first_site_kls(model, x, labels) -> Tensor:
 
 
 def contested_batch(name: str, pool, labels) -> dict:
-    """An 8-image batch of ``pool`` and the model's settings that make its two 4-image shards disagree with the
-    whole batch about a batch statistic (the weights are ``make``'s):
+    """A 9-image batch of ``pool`` and the model's settings that make its two shards (of 5 and 4 images: uneven, so
+    that each rank's share of the batch matters) disagree with the whole batch about a batch statistic (the
+    weights are ``make``'s):
 
-    free bits: the 4 images of lowest KL at the first latent site (shard 0) and the 4 of highest (shard 1), and a
+    free bits: the 5 images of lowest KL at the first latent site (shard 0) and the 4 of highest (shard 1), and a
     floor between the two shards' mean KL, below the whole batch's: the floor binds on shard 0 alone.
-    the sparse AE: the 4 images of lowest mean code and the 4 of highest, the penalty being convex in the batch's mean.
+    the sparse AE: the 5 images of lowest mean code and the 4 of highest, the penalty being convex in the batch's mean.
     """
     latent_dim = 16
     model = make(name, latent_dim=latent_dim)
@@ -126,12 +127,12 @@ def contested_batch(name: str, pool, labels) -> dict:
             order = model.encode(pool).mean(1).argsort()
         else:
             order = first_site_kls(model, pool, labels).argsort()
-    chosen = torch.cat([order[:4], order[-4:]])
+    chosen = torch.cat([order[:5], order[-4:]])
     batch = {"name": name, "latent_dim": latent_dim, "x": pool[chosen], "labels": labels[chosen], "free_bits": 0.0}
     if name != "sparse":
         with torch.no_grad():
             kls = first_site_kls(model, batch["x"], batch["labels"])
-        low, high = kls[:4].mean().item(), kls[4:].mean().item()
+        low, high = kls[:5].mean().item(), kls[5:].mean().item()
         batch["free_bits"] = low + 0.25 * (high - low)
     return batch
 
@@ -302,8 +303,8 @@ def test_two_processes_train_to_one_process_parameters(tmp_path, mnist, monkeypa
 
 def test_two_shards_compute_free_bits_and_the_sparse_penalty_on_the_whole_batch(tmp_path, mnist, monkeypatch):
     """Free bits (VAE, two-layer VAE, CVAE) and the sparse AE's penalty are non-linear functions of a mean over the
-    batch: on two 4-image shards of an 8-image batch chosen so that the shards' means fall on either side of the
-    floor (or far apart), the whole batch's loss and the gradients the optimizers step on are one process's."""
+    batch: on two shards (5 and 4 images) of a 9-image batch chosen so that the shards' means fall on either side of
+    the floor (or far apart), the whole batch's loss and the gradients the optimizers step on are one process's."""
     monkeypatch.setattr(pyro_dist.Normal, "rsample", rsample_without_rng)
     contested = [contested_batch(name, mnist.train[:100], mnist.train_labels[:100]) for name in BATCH_STATISTIC_MODELS]
     _spawn(_batch_statistics_worker, tmp_path, contested, str(tmp_path / "two.pt"))
