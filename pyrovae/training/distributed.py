@@ -159,13 +159,16 @@ def destroy() -> None:
 
 
 def cpu_group():
-    """A group of every rank that takes CPU tensors: the default group when one of its backends is for
-    the CPU (gloo, ``"cpu:gloo,cuda:nccl"``), else a new gloo group (then this is a collective call).
-    ``None`` without a group of several processes."""
-    if not is_distributed():
+    """The group of every rank to pass to collectives of CPU tensors: ``None``, torch.distributed's name for the
+    default group, when one of its backends is for the CPU (gloo, ``"cpu:gloo,cuda:nccl"``), else a new gloo
+    group (then this is a collective call). ``None`` too without a group of several processes.
+
+    Why not the default group's object: a holder of it (a Trainer) could keep it alive after
+    ``destroy_process_group`` until the interpreter exits (in a reference cycle, say), and a gloo group
+    that lives that long aborts the process at exit ("terminate called without an active exception").
+    """
+    if not is_distributed() or "cpu" in str(dist.get_backend_config()):
         return None
-    if "cpu" in str(dist.get_backend_config()):
-        return dist.group.WORLD
     return dist.new_group(backend="gloo")
 
 

@@ -259,7 +259,7 @@ class Trainer:
         self._received: int | None = None  # (W > 1) a signal this rank received, not yet agreed
         self._checked_data = None  # what _check_data last accepted
         self._ranks = (0, 1)  # (rank, world size) of the current fit, from torch.distributed
-        self._cpu_group = None  # the process group of the per-step flags (W > 1), made by the first fit
+        self._cpu_group = None  # the group of the per-step flags (W > 1): None, the default group, unless that is NCCL alone
 
     # ------------------------------------------------------------------ public
 
