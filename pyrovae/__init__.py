@@ -6,6 +6,7 @@ from .errors import InputError
 from .likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
     LaplaceLikelihood,
     NormalLikelihood,
     make_likelihood,
@@ -21,6 +22,8 @@ from .models import (
     CVAEConfig,
     DenoisingAE,
     DenoisingAEConfig,
+    HierarchicalVAE,
+    HierarchicalVAEConfig,
     SparseAE,
     SparseAEConfig,
     StackedAE,
@@ -46,8 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageData", "load_dataset", "resolve_device", "InputError",
-    "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
-    "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "SparseAE",
+    "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedLogisticLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
+    "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "HierarchicalVAE", "HierarchicalVAEConfig", "SparseAE",
     "SparseAEConfig", "StackedAE", "StackedAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "VAEConfig", "build_model",
     "ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "NetworkConfig",
     "DiagonalGaussian", "FlowPosterior", "iaf_posterior", "planar_posterior", "make_posterior",

@@ -1,4 +1,4 @@
-"""The models, by name: the Pyro VAE, two-layer VAE and conditional VAE, the adversarial autoencoder and the deterministic baselines."""
+"""The models, by name: the Pyro VAE, two-layer VAEs and conditional VAE, the adversarial autoencoder and the deterministic baselines."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from .autoencoders import (
 )
 from .base import AutoencoderMixin, Phase, Progress, TrainableModel, Update, config_to_dict
 from .cvae import CVAE, CVAEConfig
+from .hierarchical import HierarchicalVAE, HierarchicalVAEConfig
 from .two_layer import TwoLayerVAE, TwoLayerVAEConfig
 from .vae import VAE, VAEConfig
 
 __all__ = [
     "AAE", "AAEConfig", "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
-    "DenoisingAEConfig", "VAE", "VAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "CVAE", "CVAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
+    "DenoisingAEConfig", "VAE", "VAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "HierarchicalVAE", "HierarchicalVAEConfig", "CVAE", "CVAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
     "config_to_dict",
 ]
 
@@ -29,6 +30,7 @@ __all__ = [
 MODELS = {
     "vae": (VAE, VAEConfig),
     "vae2": (TwoLayerVAE, TwoLayerVAEConfig),
+    "hvae": (HierarchicalVAE, HierarchicalVAEConfig),
     "cvae": (CVAE, CVAEConfig),
     "aae": (AAE, AAEConfig),
     "ae": (AE, AEConfig),
