@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from conftest import tiny_network
@@ -32,8 +33,8 @@ from pyrovae.devices import resolve_device
 from pyrovae.errors import InputError
 from pyrovae.evaluation import log_likelihood, test_elbo
 from pyrovae.models import (
-    AAE, AE, CVAE, VAE, AAEConfig, AEConfig, CVAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, TwoLayerVAE,
-    TwoLayerVAEConfig, VAEConfig,
+    AAE, AE, CVAE, VAE, AAEConfig, AEConfig, CVAEConfig, HierarchicalVAE, HierarchicalVAEConfig, SparseAE, SparseAEConfig, StackedAE,
+    StackedAEConfig, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig,
 )
 from pyrovae.models.base import Progress
 from pyrovae.training import Trainer, TrainingConfig, TrainingError, distributed
@@ -46,7 +47,7 @@ WORLD = 2
 #: The sparse AE's penalty is a non-linear function of the batch's mean code, in training and validation.
 CASES = [("ae", 64), ("ae", 75), ("vae", 64), ("cvae", 64), ("stacked", 64), ("sparse", 75)]
 #: the models whose training loss is a non-linear function of a mean over the batch (free bits, the sparse penalty)
-BATCH_STATISTIC_MODELS = ("vae", "vae2", "cvae", "sparse")
+BATCH_STATISTIC_MODELS = ("vae", "vae2", "hierarchical", "cvae", "sparse")
 
 
 def make(name: str, free_bits: float = 0.0, latent_dim: int = 4):
@@ -58,6 +59,8 @@ def make(name: str, free_bits: float = 0.0, latent_dim: int = 4):
         return VAE(VAEConfig(network=network, free_bits=free_bits))
     if name == "vae2":
         return TwoLayerVAE(TwoLayerVAEConfig(network=network, top_latent_dim=2, top_hidden=(8,), free_bits=free_bits))
+    if name == "hierarchical":
+        return HierarchicalVAE(HierarchicalVAEConfig(network=network, prior="normal", top_latent_dim=2, free_bits=free_bits))
     if name == "stacked":
         return StackedAE(StackedAEConfig(network=network))
     if name == "sparse":
@@ -104,9 +107,9 @@ def train_cases(train, labels, cases) -> dict:
 def first_site_kls(model, x, labels) -> Tensor:
     """The KL term ``log q(z|.) - log p(z|.)`` of each image of ``x: (B, C, H, W)`` at the first latent site: ``(B,)``."""
     given = {"y": labels} if model.conditional else {}
-    guide = poutine.trace(model.guide).get_trace(x, **given)
-    trace = poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(x, **given)
-    name = "z1" if isinstance(model, TwoLayerVAE) else "z"
+    guide = prune_subsample_sites(poutine.trace(model.guide).get_trace(x, **given))
+    trace = prune_subsample_sites(poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(x, **given))
+    name = next(name for name, site in guide.nodes.items() if site["type"] == "sample" and name in trace.nodes and not site["is_observed"])
     value = guide.nodes[name]["value"]
     return (guide.nodes[name]["fn"].log_prob(value) - trace.nodes[name]["fn"].log_prob(value)).detach()
 
@@ -305,7 +308,7 @@ def test_two_processes_train_to_one_process_parameters(tmp_path, mnist, monkeypa
 
 
 def test_two_shards_compute_free_bits_and_the_sparse_penalty_on_the_whole_batch(tmp_path, mnist, monkeypatch):
-    """Free bits (VAE, two-layer VAE, CVAE) and the sparse AE's penalty are non-linear functions of a mean over the
+    """Free bits (VAE, two-layer VAE, hierarchical VAE, CVAE) and the sparse AE's penalty are non-linear functions of a mean over the
     batch: on two shards (5 and 4 images) of a 9-image batch chosen so that the shards' means fall on either side of
     the floor (or far apart), the whole batch's loss and the gradients the optimizers step on are one process's."""
     monkeypatch.setattr(pyro_dist.Normal, "rsample", rsample_without_rng)
