@@ -155,6 +155,13 @@ def one_step(batch: dict) -> tuple[float, dict]:
     return distributed.all_sum(float(loss) * update.share), grads
 
 
+def validation_loss(batch: dict) -> float:
+    """The Trainer's validation loss of ``batch``'s model on its images, one batch of them (split across the processes)."""
+    trainer = Trainer(make(batch["name"], batch["free_bits"], batch["latent_dim"]), config(len(batch["x"])))
+    trainer._ranks = (distributed.rank(), distributed.world_size())  # as fit sets them
+    return trainer._validate(batch["x"], None)
+
+
 # --------------------------------------------------------------------------- workers (run in spawned processes)
 
 
@@ -189,7 +196,9 @@ def _batch_statistics_worker(rank, init_file, contested, out):
     _join(rank, init_file)
     try:
         pyro_dist.Normal.rsample = rsample_without_rng
-        torch.save({batch["name"]: one_step(batch) for batch in contested}, f"{out}.{rank}")
+        results = {batch["name"]: one_step(batch) for batch in contested}
+        results["validation"] = validation_loss(contested[-1])  # the sparse AE's penalty in validation
+        torch.save(results, f"{out}.{rank}")
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
@@ -315,6 +324,9 @@ def test_two_shards_compute_free_bits_and_the_sparse_penalty_on_the_whole_batch(
     contested = [contested_batch(name, mnist.train[:100], mnist.train_labels[:100]) for name in BATCH_STATISTIC_MODELS]
     _spawn(_batch_statistics_worker, tmp_path, contested, str(tmp_path / "two.pt"))
     ranks = [torch.load(f"{tmp_path / 'two.pt'}.{rank}", weights_only=False) for rank in range(WORLD)]
+    assert contested[-1]["name"] == "sparse"
+    for rank in ranks:  # validation scores the batches one process scores, not each rank's half of them
+        assert rank["validation"] == pytest.approx(validation_loss(contested[-1]), abs=1e-3)
     for batch in contested:
         name = batch["name"]
         loss, grads = one_step(batch)
