@@ -91,8 +91,15 @@ def _networks(model):
     decoder's, of ``model`` for images ``x: (B, C, H, W)``, codes ``z: (B, L)`` and labels ``y: (B,)``;
     ``y`` matters only to a conditional model (pass ``None`` for another)."""
     if not getattr(model, "conditional", False):
+        if callable(getattr(model, "decoder_input", None)):  # a class summed out (M2, the mixture VAE): decode with class 0
+            return (lambda x, y: model.encoder(x)), (lambda z, y: model.decoder(model.decoder_input(z, _class_zero(z))))
         return (lambda x, y: model.encoder(x)), (lambda z, y: model.decoder(z))
     return (lambda x, y: model.encoder(model.encoder_input(x, y))), (lambda z, y: model.decoder(model.decoder_input(z, y)))
+
+
+def _class_zero(z: Tensor) -> Tensor:
+    """Class 0 for each code of ``z: (..., L)``: int64 ``(...)``."""
+    return torch.zeros(z.shape[:-1], dtype=torch.int64, device=z.device)
 
 
 def _placeholder_labels(model, n: int) -> Tensor | None:
@@ -717,6 +724,13 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
             results.update(test_elbo(model, data.test, labels=labels))
             if num_samples > 0:
                 results["nll"] = -log_likelihood(model, data.test, num_samples=num_samples, labels=labels).double().mean().item()
+        if callable(getattr(model, "classify", None)):  # a discrete latent: M2's classes, the mixture VAE's clusters
+            predicted = predict_classes(model, data.test)
+            test_labels = data.test_labels.to(predicted.device)
+            if getattr(model, "classes_are_labels", False):
+                results["accuracy"] = (predicted == test_labels).double().mean().item()
+            else:
+                results["cluster_accuracy"] = clustering_accuracy(predicted, test_labels)
         results.update(reconstruction_error(model, data.test, labels=labels))
         if not isinstance(model, PCA):
             results["prior_mmd"] = prior_mmd(model, data.test[:MMD_IMAGES], labels=None if labels is None else labels[:MMD_IMAGES])
@@ -727,11 +741,4 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
         results["probe_accuracy"] = linear_probe(
             encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional
         )
-        if callable(getattr(model, "classify", None)):  # a discrete latent: M2's classes, the mixture VAE's clusters
-            predicted = predict_classes(model, data.test)
-            test_labels = data.test_labels.to(predicted.device)
-            if getattr(model, "classes_are_labels", False):
-                results["accuracy"] = (predicted == test_labels).double().mean().item()
-            else:
-                results["cluster_accuracy"] = clustering_accuracy(predicted, test_labels)
     return results

@@ -48,7 +48,6 @@ from .vae import (
     _check_likelihood,
     _claim_name,
     _declare_parts,
-    _elbo_loss,
     _images_plate,
     _is_int,
     _kl_weight_set,
@@ -56,7 +55,7 @@ from .vae import (
     _warmed_up_kl_weight,
 )
 
-__all__ = ["DiscreteVAEConfig", "DiscreteLatentVAE", "check_num_classes"]
+__all__ = ["DiscreteVAEConfig", "DiscreteLatentVAE", "check_num_classes", "enumerated_loss"]
 
 
 def check_num_classes(value, what: str = "num_classes") -> None:
@@ -108,6 +107,16 @@ def build_enum_elbo(config: VAEConfig) -> TraceEnum_ELBO:
     """Pyro's ``TraceEnum_ELBO`` for one plate (the images), with ``config.num_particles`` vectorized draws."""
     n = config.num_particles
     return TraceEnum_ELBO(max_plate_nesting=1, num_particles=n, vectorize_particles=n > 1, strict_enumeration_warning=False)
+
+
+def enumerated_loss(model, x: Tensor, num_data: int | None, **condition) -> Tensor:
+    """``model.elbo``'s (``TraceEnum_ELBO``'s) loss per example for ``model.model`` and ``model.guide`` on
+    ``x: (B, C, H, W)`` (and ``condition``, further keyword arguments of both), the batch standing for
+    ``num_data`` images; differentiable where gradients are on, else (validation) a detached value."""
+    n = num_data or len(x)
+    if torch.is_grad_enabled():
+        return model.elbo.differentiable_loss(model.model, model.guide, x, num_data=n, **condition) / n
+    return torch.tensor(model.elbo.loss(model.model, model.guide, x, num_data=n, **condition) / n, device=x.device)
 
 
 class DiscreteLatentVAE(AutoencoderMixin, PyroModule):
@@ -249,12 +258,12 @@ class DiscreteLatentVAE(AutoencoderMixin, PyroModule):
         ``progress.num_data`` images. Figures: ``loss`` (the negative ELBO of log p(x) per image) and ``kl_weight``."""
         weight = _warmed_up_kl_weight(self.config, progress)
         with _kl_weight_set(self, weight):
-            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True))
+            loss = update("model", lambda: enumerated_loss(self, x, progress.num_data))
         return {"loss": loss, "kl_weight": weight}
 
     def validation_loss(self, x: Tensor) -> Tensor:
         """The negative ELBO of log p(x) per image on ``x: (B, C, H, W)``, the class summed out, with the full KL weight."""
-        return _elbo_loss(self, x, None).detach()
+        return enumerated_loss(self, x, None).detach()
 
     # ------------------------------------------------------------------ using a trained model
 

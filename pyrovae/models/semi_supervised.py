@@ -53,8 +53,8 @@ from ..errors import InputError
 from ..nets import build_decoder
 from ..priors import check_prior, make_prior
 from .base import Progress, Update
-from .discrete import DiscreteLatentVAE, DiscreteVAEConfig, check_num_classes
-from .vae import _elbo_loss, _is_int, _kl_weight_set, _warmed_up_kl_weight
+from .discrete import DiscreteLatentVAE, DiscreteVAEConfig, check_num_classes, enumerated_loss
+from .vae import _is_int, _kl_weight_set, _warmed_up_kl_weight
 
 __all__ = ["SemiSupervisedVAE", "M2Config", "UNLABELLED", "balanced_label_draw"]
 
@@ -164,7 +164,7 @@ class SemiSupervisedVAE(DiscreteLatentVAE):
         if n and (bool(y.min() < UNLABELLED) or bool(y.max() >= self.k)):
             raise InputError(f"labels must be classes in [0, {self.k}) or -1 (unlabelled), got values from {int(y.min())} to {int(y.max())}")
 
-    def _split_losses(self, x: Tensor, y: Tensor | None, num_data: int | None, training: bool) -> tuple[Tensor, Tensor | None]:
+    def _split_losses(self, x: Tensor, y: Tensor | None, num_data: int | None) -> tuple[Tensor, Tensor | None]:
         """The negative ELBO of the batch ``x: (B, C, H, W)`` summed over images and divided by B (labelled images
         with y observed, the others with y enumerated), and the mean ``-log q(y|x)`` of the labelled ones (``None`` without)."""
         n = len(x)
@@ -173,11 +173,11 @@ class SemiSupervisedVAE(DiscreteLatentVAE):
         count = int(labelled.sum())
         if count:
             x_l, y_l = x[labelled], y[labelled]
-            loss = loss + _elbo_loss(self, x_l, num_data, training=training, y=y_l) * (count / n)
+            loss = loss + enumerated_loss(self, x_l, num_data, y=y_l) * (count / n)
             classification = F.cross_entropy(self.class_logits(x_l), y_l)
         if count < n:
             x_u = x if count == 0 else x[~labelled]
-            loss = loss + _elbo_loss(self, x_u, num_data, training=training) * ((n - count) / n)
+            loss = loss + enumerated_loss(self, x_u, num_data) * ((n - count) / n)
         return loss, classification
 
     def training_step(self, x: Tensor, update: Update, progress: Progress, y: Tensor | None = None) -> dict[str, Tensor | float]:
@@ -189,7 +189,7 @@ class SemiSupervisedVAE(DiscreteLatentVAE):
         weight = _warmed_up_kl_weight(self.config, progress)
 
         def loss():
-            elbo_part, classification = self._split_losses(x, y, progress.num_data, training=True)
+            elbo_part, classification = self._split_losses(x, y, progress.num_data)
             return elbo_part if classification is None else elbo_part + self.config.alpha * classification
 
         with _kl_weight_set(self, weight):
@@ -199,7 +199,7 @@ class SemiSupervisedVAE(DiscreteLatentVAE):
     def validation_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The negative ELBO per image on ``x: (B, C, H, W)``: of log p(x, y) for images labelled in ``y: (B,)``, of
         log p(x) (y summed out) for the others (all of them without ``y``); with the full KL weight."""
-        return self._split_losses(x, y, None, training=False)[0].detach()
+        return self._split_losses(x, y, None)[0].detach()
 
     # ------------------------------------------------------------------ using a trained model
 
