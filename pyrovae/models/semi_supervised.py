@@ -149,9 +149,10 @@ class SemiSupervisedVAE(DiscreteLatentVAE):
         return self.prior()
 
     def decoder_input(self, z: Tensor, y: Tensor) -> Tensor:
-        """``[z, onehot(y)]``, ``(..., B, L + K)``, for ``z: (..., B, L)`` and ``y`` broadcastable to ``(..., B)``."""
+        """``[z, onehot(y)]``, ``(..., B, L + K)``, for ``z: (..., B, L)`` and ``y`` broadcastable with ``(..., B)`` (both expanded)."""
         one_hot = self.one_hot(y.to(z.device), z.dtype)
-        return torch.cat([z, one_hot.expand(*z.shape[:-1], self.k)], dim=-1)
+        shape = torch.broadcast_shapes(z.shape[:-1], y.shape)
+        return torch.cat([z.expand(*shape, z.shape[-1]), one_hot.expand(*shape, self.k)], dim=-1)
 
     # ------------------------------------------------------------------ labels and training
 
