@@ -140,8 +140,8 @@ class MixtureVAE(VAE):
             batch_size = x.shape[0]
         self._declare("decoder", "likelihood", "prior")
         with _images_plate(batch_size, num_data, x.device if x is not None else self.device):
-            c = pyro.sample("c", self.prior.weights(), infer={"enumerate": "parallel"})  # (B,), or (K, 1) enumerated
-            with _scaled(self.kl_weight):
+            with _scaled(self.kl_weight):  # c too: an enumerated sum takes one scale, so beta weighs log p(z) as a whole
+                c = pyro.sample("c", self.prior.weights(), infer={"enumerate": "parallel"})  # (B,), or (K, 1) enumerated
                 z = pyro.sample("z", self.prior.component(c))  # (B, L)
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
