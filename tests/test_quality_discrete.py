@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import quality_discrete  # noqa: E402
+from pyrovae.models import SemiSupervisedVAE  # noqa: E402
 from pyrovae.training import load_model  # noqa: E402
 
 
@@ -29,9 +30,19 @@ def test_rows_follow_the_papers():
 
 
 @pytest.mark.parametrize("row", ["m2-100", "gmvae"])
-def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row):
+def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypatch):
     args = [row, "--schedule", "smoke", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu"]
+    seen = []
+    original = SemiSupervisedVAE.training_step
+
+    def recording(self, x, update, progress, y=None):
+        seen.append(int((y >= 0).sum()))
+        return original(self, x, update, progress, y=y)
+
+    monkeypatch.setattr(SemiSupervisedVAE, "training_step", recording)
     first = quality_discrete.main(args)
+    if row == "m2-100":
+        assert sum(seen) == 2 * 100  # every kept label reaches the steps, once an epoch
     assert first["epochs"] == 2 and first["test_images"] == 300 and first["nll_samples"] == 50
     assert 0 <= first["accuracy_percent"] <= 100 and 80 < first["test_nll"] < 560
     for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt"):
