@@ -9,7 +9,9 @@ on all 10,000 test images, binarized once with a fixed seed (see :mod:`pyrovae.d
 rows (:data:`ROWS`) change one thing each on that footing: the objective (IWAE k=5, k=50), two
 stochastic layers (784-200-200-100(z1)-100-100-50(z2), the paper's; also trained with free bits,
 Kingma et al. 2016, which keep its top layer in use), an IAF posterior (two steps, MADEs of 320-320),
-or the VampPrior (500 pseudo-inputs). One command per row::
+the VampPrior (500 pseudo-inputs), or Tomczak and Welling's two-layer VAE with the VampPrior on its top
+layer (:class:`pyrovae.models.HierarchicalVAE`: p(x|z1,z2) p(z1|z2) p(z2), 300-unit layers, 40 + 40
+latents). One command per row::
 
     python benchmarks/quality.py vae                        # VAE, trained with k=1 (CPU budget)
     python benchmarks/quality.py iwae5                      # IWAE, trained with k=5
@@ -17,6 +19,11 @@ or the VampPrior (500 pseudo-inputs). One command per row::
     python benchmarks/quality.py vae2-fb2                   # the same with 2 free nats per latent layer (vae2-fb6: 6)
     python benchmarks/quality.py iaf                        # the VAE with an IAF posterior
     python benchmarks/quality.py vamp                       # the VAE with the VampPrior
+    python benchmarks/quality.py vamp2                      # the two-layer VAE with the VampPrior on z2
+    python benchmarks/quality.py vae --seed 1               # another training seed: its own folder, vae-seed1-cpu
+    python benchmarks/quality.py iwae5 --epochs 1500        # more epochs: its own folder, iwae5-e1500-cpu
+    python benchmarks/quality.py vamp --rescore             # the NLL again from the committed weights, no training
+    python benchmarks/quality.py --table                    # the committed rows: mean +- sd over seeds, weights
     python benchmarks/quality.py iwae50 --schedule paper    # IWAE k=50, the paper's 3,280 epochs (a GPU's job)
 
 Schedules (:data:`SCHEDULES`):
@@ -31,17 +38,29 @@ Schedules (:data:`SCHEDULES`):
   (whose encoder pass on every step would cost 3.5 times the VAE's epoch).
 * ``smoke``: 300 images, 2 epochs, k=50 for the NLL on 300 test images: proves the wiring (CI).
 
-The run folder (``--out``, default ``runs/quality/ROW-SCHEDULE``) is a pyrovae run folder
+Variants of a row: ``--seed N`` trains it from another seed (the start of its networks, the order of its
+batches, its draws), ``--epochs N`` for another number of epochs (the schedule's stages compressed into
+them, :class:`pyrovae.training.StagedDecay`, so a longer run is a new run from the start, not the end of
+a finished one continued: a finished run's learning rate has already fallen through every stage). Each
+variant has its own folder, ``ROW[-eEPOCHS][-seedN]-SCHEDULE`` (:func:`run_name`).
+
+The run folder (``--out``, default ``runs/quality/NAME``) is a pyrovae run folder
 (``pyrovae eval`` reads it) plus ``nll.json`` (the NLL, filled in chunks of test images),
-``result.json`` and ``learning_curve.png`` (training loss and the bound on 1,000 test images
-against the epoch). Running the same command again continues an interrupted run: training from its
-last checkpoint (bit for bit), then the NLL from its last finished chunk.
+``result.json`` (with the active units of each latent layer), ``learning_curve.png`` (training loss and
+the bound on 1,000 test images against the epoch) and ``weights.pt``, the trained model alone (a pyrovae
+checkpoint of its name, config and ``state_dict``, float32, read with ``torch.load(weights_only=True)``;
+:func:`pyrovae.training.load_model` rebuilds the model from it). Running the same command again
+continues an interrupted run: training from its last checkpoint (bit for bit), then the NLL from its
+last finished chunk. A finished row's :data:`PUBLISHED_FILES` are committed in ``docs/quality/NAME/``;
+``--rescore`` scores the weights there again, without training, and prints the NLL beside the committed
+figure (on the first ``--subset`` test images and with ``--nll-samples`` samples, for a shorter check).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -55,13 +74,13 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from pyrovae import plots  # noqa: E402
-from pyrovae.checkpoints import write_text_atomic  # noqa: E402
+from pyrovae.checkpoints import CheckpointError, save_checkpoint, write_text_atomic  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.devices import resolve_device  # noqa: E402
-from pyrovae.evaluation import log_likelihood  # noqa: E402
-from pyrovae.models import MODELS, VAEConfig, build_model  # noqa: E402
+from pyrovae.evaluation import active_units, log_likelihood  # noqa: E402
+from pyrovae.models import MODELS, VAEConfig, build_model, config_to_dict  # noqa: E402
 from pyrovae.nets import NetworkConfig  # noqa: E402
-from pyrovae.training import CHECKPOINT_FILE, Trainer, TrainingConfig  # noqa: E402
+from pyrovae.training import CHECKPOINT_FILE, Trainer, TrainingConfig, load_model  # noqa: E402
 
 
 
@@ -96,6 +115,10 @@ ROWS = {
     "vamp": Row(
         "vae", {"prior": "vamp", "num_pseudo_inputs": 500}, 85.6, "Tomczak and Welling 2018, static binarization (Pythae: 85.79)", "glorot"
     ),
+    # Tomczak and Welling's HVAE: p(x|z1,z2) p(z1|z2) and the VampPrior on z2; guide q(z2|x) q(z1|x,z2)
+    "vamp2": Row(
+        "hvae", {"prior": "vamp", "num_pseudo_inputs": 500}, 83.19, "Tomczak and Welling 2018, HVAE (L=2) + VampPrior (gated layers)", "glorot"
+    ),
 }
 #: the published test NLL of each row (nats, k=5000)
 PUBLISHED_NLL = {name: row.published_nll for name, row in ROWS.items()}
@@ -103,9 +126,20 @@ NETWORK = NetworkConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(200, 200
 #: the two-layer rows: 784-200-200-100(z1), then 100-100-50(z2)
 NETWORK_2 = NetworkConfig(input_shape=(1, 28, 28), latent_dim=100, hidden=(200, 200), activation="tanh")
 TOP_LAYER = {"top_latent_dim": 50, "top_hidden": (100, 100)}
+#: Tomczak and Welling's two-layer VAE: 300-unit layers everywhere, z1 and z2 of 40 units (plain tanh layers, not gated)
+NETWORK_H = NetworkConfig(input_shape=(1, 28, 28), latent_dim=40, hidden=(300, 300), activation="tanh")
+#: each model's networks and latent layers in the rows
+LAYERS = {"vae": {"network": NETWORK}, "vae2": {"network": NETWORK_2, **TOP_LAYER}, "hvae": {"network": NETWORK_H, "top_latent_dim": 40}}
 ADAM_EPS = 1e-4
 #: test images whose bound is tracked during training (the learning curve), and images per NLL chunk
 MONITOR_IMAGES, NLL_CHUNK = 1000, 500
+#: test images on which the active units of each latent layer are counted (Burda et al. 2016), and the seed of their draws
+ACTIVE_UNITS_IMAGES, ACTIVE_UNITS_SEED = 2000, 0
+#: the trained model alone (name, config and state_dict), in every finished run folder
+WEIGHTS_FILE = "weights.pt"
+#: what a finished row commits in docs/quality/NAME/
+PUBLISHED_FILES = ("config.json", "result.json", "nll.json", "metrics.csv", "learning_curve.png", WEIGHTS_FILE)
+DOCS = REPO / "docs" / "quality"
 
 
 @dataclass(frozen=True)
@@ -127,38 +161,52 @@ SCHEDULES = {
     # measured on 2 CPU threads, batch 100: 4.5 s/epoch (vae), 7.7 (iwae5), 42 (iwae50)
     # vae2, iaf and vamp (with 100 pseudo-inputs) cost about 1.35 times the VAE's epoch (1 thread, same sitting)
     "cpu": Schedule(
-        epochs={"vae": 1000, "vae-fb2": 1000, "iwae5": 600, "iwae50": 110, "vae2": 750, "vae2-fb2": 750, "vae2-fb6": 750, "iwae50-2": 80, "iaf": 750, "vamp": 750},
+        epochs={
+            "vae": 1000, "vae-fb2": 1000, "iwae5": 600, "iwae50": 110, "vae2": 750, "vae2-fb2": 750, "vae2-fb6": 750, "iwae50-2": 80, "iaf": 750,
+            "vamp": 750, "vamp2": 750,
+        },
         batch_size=100, lr=2e-3, warmup_fraction=0.05, eval_every=10,
-        row_options={"vamp": {"num_pseudo_inputs": 100}},  # 500 would cost 3.5 times the VAE's epoch
+        # 500 would cost 3.5 times the VAE's epoch (vamp2: 10 times, against 4 with 100)
+        row_options={"vamp": {"num_pseudo_inputs": 100}, "vamp2": {"num_pseudo_inputs": 100}},
     ),
     "smoke": Schedule(epochs=dict.fromkeys(ROWS, 2), batch_size=50, eval_every=1, nll_samples=50, subset=300),
 }
 
 
-def configs(row: str, schedule: Schedule) -> tuple[VAEConfig, TrainingConfig]:
-    """The model and training configs of ``row`` under ``schedule``."""
+def configs(row: str, schedule: Schedule, seed: int = 0) -> tuple[VAEConfig, TrainingConfig]:
+    """The model and training configs of ``row`` under ``schedule``, trained from ``seed``."""
     epochs, spec = schedule.epochs[row], ROWS[row]
     warmup = round(schedule.warmup_fraction * epochs) if spec.options.get("elbo") != "iwae" else 0
     config_class = MODELS[spec.model][1]
-    two_layers = spec.model == "vae2"
-    network = replace(NETWORK_2 if two_layers else NETWORK, tanh_init=spec.tanh_init)
-    layers = {"network": network, **TOP_LAYER} if two_layers else {"network": network}
+    layers = LAYERS[spec.model]
+    layers = {**layers, "network": replace(layers["network"], tanh_init=spec.tanh_init)}
     options = {**spec.options, **schedule.row_options.get(row, {})}
     model = config_class(likelihood="bernoulli", kl_warmup_epochs=warmup, **layers, **options)
     training = TrainingConfig(
         epochs=epochs, batch_size=schedule.batch_size, lr=schedule.lr, optimizer="adam", optimizer_eps=ADAM_EPS,
-        lr_schedule="iwae", eval_every=schedule.eval_every, seed=0, progress=False,
+        lr_schedule="iwae", eval_every=schedule.eval_every, seed=seed, progress=False,
     )
     return model, training
 
 
-def train(row: str, schedule: Schedule, folder: Path, data, device):
-    """Train ``row`` into ``folder``, or continue its interrupted run there."""
+def run_name(row: str, schedule: str, seed: int = 0, epochs: int | None = None) -> str:
+    """The folder name of ``row`` under the schedule called ``schedule``: ``ROW-SCHEDULE``, with ``-eEPOCHS`` when
+    ``epochs`` differs from the schedule's and ``-seedN`` for a seed other than 0 (``iwae5-e1500-seed1-cpu``)."""
+    parts = [row]
+    if epochs is not None and epochs != SCHEDULES[schedule].epochs[row]:
+        parts.append(f"e{epochs}")
+    if seed:
+        parts.append(f"seed{seed}")
+    return "-".join([*parts, schedule])
+
+
+def train(row: str, schedule: Schedule, folder: Path, data, device, seed: int = 0):
+    """Train ``row`` from ``seed`` into ``folder``, or continue its interrupted run there."""
     monitor = data.test[:MONITOR_IMAGES]
     if (folder / CHECKPOINT_FILE).exists():
         trainer = Trainer.resume(folder, device=device)
     else:
-        model_config, training = configs(row, schedule)
+        model_config, training = configs(row, schedule, seed)
         torch.manual_seed(training.seed)
         model = build_model(ROWS[row].model, model_config).to(device)
         options = {"name": "mnist", "root": None, "binarize": "dynamic", "val_size": 0, "subset": schedule.subset, "seed": 0}
@@ -178,13 +226,75 @@ def nll(model, test: torch.Tensor, samples: int, folder: Path) -> float:
     if done["samples"] != samples:
         raise SystemExit(f"{path} holds an NLL with k={done['samples']}, not {samples}: move it away to start again")
     for start in range(NLL_CHUNK * len(done["chunks"]), len(test), NLL_CHUNK):
-        torch.manual_seed(start)  # each chunk's draws are its own: a resumed NLL is the same number
-        log_p = log_likelihood(model, test[start : start + NLL_CHUNK], num_samples=samples)
-        done["chunks"].append({"start": start, "images": len(log_p), "sum_log_p": log_p.double().sum().item()})
+        done["chunks"].append(nll_chunk(model, test, start, samples))
         write_text_atomic(path, json.dumps(done, indent=1) + "\n")
-        print(f"  NLL: {start + len(log_p)}/{len(test)} test images", flush=True)
-    images = sum(chunk["images"] for chunk in done["chunks"])
-    return -sum(chunk["sum_log_p"] for chunk in done["chunks"]) / images
+        print(f"  NLL: {start + done['chunks'][-1]['images']}/{len(test)} test images", flush=True)
+    return _mean_nll(done["chunks"])
+
+
+def nll_chunk(model, test: torch.Tensor, start: int, samples: int) -> dict:
+    """The summed log-likelihood of the :data:`NLL_CHUNK` test images from ``start``, with draws seeded by ``start``
+    (each chunk's draws are its own: a resumed or re-scored NLL is the same number)."""
+    torch.manual_seed(start)
+    log_p = log_likelihood(model, test[start : start + NLL_CHUNK], num_samples=samples)
+    return {"start": start, "images": len(log_p), "sum_log_p": log_p.double().sum().item()}
+
+
+def _mean_nll(chunks: list[dict]) -> float:
+    return -sum(chunk["sum_log_p"] for chunk in chunks) / sum(chunk["images"] for chunk in chunks)
+
+
+def count_active_units(model, test: torch.Tensor) -> dict[str, int]:
+    """Active units of each latent layer on the first :data:`ACTIVE_UNITS_IMAGES` test images (seeded draws)."""
+    torch.manual_seed(ACTIVE_UNITS_SEED)
+    return active_units(model, test[:ACTIVE_UNITS_IMAGES])
+
+
+def write_weights(folder: Path, model, model_name: str) -> Path:
+    """``folder``/:data:`WEIGHTS_FILE`: the model's name, config and ``state_dict`` (no optimizer, no position)."""
+    path = folder / WEIGHTS_FILE
+    save_checkpoint(path, {"model_name": model_name, "model_config": config_to_dict(model.config), "model_state": model.state_dict()})
+    return path
+
+
+def rescore(folder: Path, data_dir: str, device, nll_samples: int | None = None, images: int | None = None) -> dict:
+    """Score the weights committed in ``folder`` again, without training: the NLL on the first ``images`` test images
+    (default: as many as its result) with ``nll_samples`` samples (default: its result's), chunk by chunk with the
+    same seeds as the run. Returns the new figure beside the committed one (on the same images where the committed
+    chunks cover them), and prints both."""
+    result_path, weights_path = folder / "result.json", folder / WEIGHTS_FILE
+    if not result_path.exists():
+        raise SystemExit(f"{folder} holds no result.json: not a finished quality run")
+    if not weights_path.exists():
+        raise SystemExit(f"{folder} holds no {WEIGHTS_FILE}: this row finished before its weights were kept; retrain it to re-score it")
+    result, committed = json.loads(result_path.read_text()), json.loads((folder / "nll.json").read_text())
+    try:
+        model, state = load_model(weights_path, device=device)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
+    if json.loads(json.dumps(state["model_config"])) != result["model_config"]:
+        raise SystemExit(f"{weights_path} holds a model of another config than {result_path}: they are not of one run")
+    samples = nll_samples or result["nll_samples"]
+    images = images or result["test_images"]
+    data = load_dataset("mnist", root=data_dir, device=device, binarize="dynamic", subset=images, seed=0)
+    model.eval()
+    chunks = []
+    for start in range(0, len(data.test), NLL_CHUNK):
+        chunks.append(nll_chunk(model, data.test, start, samples))
+        print(f"  NLL: {start + chunks[-1]['images']}/{len(data.test)} test images", flush=True)
+    same_images = [chunk for chunk in committed["chunks"] if chunk["start"] + chunk["images"] <= len(data.test)]
+    covered = sum(chunk["images"] for chunk in same_images) == len(data.test)
+    out = {
+        "folder": str(folder), "test_nll": _mean_nll(chunks), "nll_samples": samples, "test_images": len(data.test),
+        "committed_nll": _mean_nll(same_images) if covered else result["test_nll"],
+        "committed_nll_samples": committed["samples"],
+        "committed_test_images": len(data.test) if covered else result["test_images"],
+        "active_units": count_active_units(model, data.test), "committed_active_units": result.get("active_units"),
+    }
+    print(f"{folder.name}: re-scored test NLL {out['test_nll']:.4f} nats (k={samples}, {out['test_images']} images) from {WEIGHTS_FILE}; "
+          f"committed {out['committed_nll']:.4f} (k={out['committed_nll_samples']}, {out['committed_test_images']} images); "
+          f"active units {out['active_units']}", flush=True)
+    return out
 
 
 def code_version() -> str | None:
@@ -197,20 +307,80 @@ def code_version() -> str | None:
     return commit + ("+changes" if changed.strip() else "")
 
 
+def committed_rows(docs: Path = DOCS) -> list[dict]:
+    """The finished rows committed in ``docs`` (``docs/quality/``), one entry per row, schedule and epochs, with the
+    mean and standard deviation of the test NLL over its seeds (``sd`` None for one seed), and each seed's figure
+    and weights file (None where the run finished before weights were kept)."""
+    groups: dict[tuple, list] = {}
+    for path in sorted(docs.glob("*/result.json")):
+        result = json.loads(path.read_text())
+        training = result["training_config"]
+        key = (result["row"], result["schedule"], training["epochs"])
+        weights = path.parent / WEIGHTS_FILE
+        groups.setdefault(key, []).append({"seed": training["seed"], "test_nll": result["test_nll"], "folder": path.parent.name,
+                                          "weights": weights if weights.exists() else None})
+    rows = []
+    for (row, schedule, epochs), runs in groups.items():
+        runs.sort(key=lambda run: run["seed"])
+        values = [run["test_nll"] for run in runs]
+        rows.append({"row": row, "schedule": schedule, "epochs": epochs, "runs": runs, "mean": statistics.fmean(values),
+                     "sd": statistics.stdev(values) if len(values) > 1 else None})
+    return rows
+
+
+def rescore_command(row: str, schedule: str, epochs: int, seed: int) -> str:
+    """The command that re-scores a committed run from its weights."""
+    options = [] if schedule == "cpu" else [f"--schedule {schedule}"]
+    if epochs != SCHEDULES[schedule].epochs.get(row):
+        options.append(f"--epochs {epochs}")
+    if seed:
+        options.append(f"--seed {seed}")
+    return " ".join(["python benchmarks/quality.py", row, *options, "--rescore"])
+
+
+def table(docs: Path = DOCS) -> str:
+    """The committed rows as a markdown table: NLL (mean +- sd over seeds), seeds, weights and the re-score command."""
+    lines = ["| row | schedule | epochs | test NLL (nats) | +- sd over seeds | seeds | weights (re-score command) |", "|---|---|---:|---:|---:|---|---|"]
+    for entry in committed_rows(docs):
+        spread = f"{entry['sd']:.2f}" if entry["sd"] is not None else "one seed"
+        seeds = ", ".join(f"{run['seed']}: {run['test_nll']:.2f}" for run in entry["runs"])
+        weights = "; ".join(
+            f"`{rescore_command(entry['row'], entry['schedule'], entry['epochs'], run['seed'])}` ({run['weights'].stat().st_size / 2**20:.1f} MB)"
+            if run["weights"] else f"seed {run['seed']}: missing (finished before weights were kept)"
+            for run in entry["runs"]
+        )
+        lines.append(f"| {entry['row']} | {entry['schedule']} | {entry['epochs']} | {entry['mean']:.2f} | {spread} | {seeds} | {weights} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("row", choices=sorted(ROWS), help="the row of the table: " + ", ".join(ROWS))
+    parser.add_argument("row", nargs="?", choices=sorted(ROWS), help="the row of the table: " + ", ".join(ROWS))
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="cpu", help="paper, cpu or smoke (default: cpu)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/quality/ROW-SCHEDULE)")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed, a variant of the row with its own folder (default: 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs, a variant of the row with its own folder (default: the schedule's)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/quality/NAME; with --rescore, docs/quality/NAME)")
     parser.add_argument("--data-dir", default=str(REPO / "data"), help="folder holding MNIST (default: the repository's data/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (a shorter try)")
-    parser.add_argument("--subset", type=int, default=None, help="override: images of each split (a shorter try)")
-    parser.add_argument("--nll-samples", type=int, default=None, help="override: k of the NLL (a shorter try)")
+    parser.add_argument("--subset", type=int, default=None, help="override: images of each split (a shorter try; with --rescore, the first test images)")
+    parser.add_argument("--nll-samples", type=int, default=None, help="override: k of the NLL (a shorter try or re-score)")
+    parser.add_argument("--rescore", action="store_true", help="score the row's committed weights again, without training, beside its committed figure")
+    parser.add_argument("--table", action="store_true", help="print the committed rows (docs/quality/) as a table: mean +- sd over seeds, weights")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table())
+        return {"table": committed_rows()}
+    if args.row is None:
+        parser.error("name a row (or --table)")
+    if args.seed < 0 or (args.epochs is not None and args.epochs <= 0):
+        parser.error("--seed must be 0 or more and --epochs positive")
     if args.threads:
         torch.set_num_threads(args.threads)
+    name = run_name(args.row, args.schedule, args.seed, args.epochs)
+    device = resolve_device(args.device)
+    if args.rescore:
+        return rescore(args.out or DOCS / name, args.data_dir, device, nll_samples=args.nll_samples, images=args.subset)
     schedule = SCHEDULES[args.schedule]
     if args.epochs is not None:
         schedule = replace(schedule, epochs={**schedule.epochs, args.row: args.epochs})
@@ -218,18 +388,20 @@ def main(argv=None) -> dict:
         schedule = replace(schedule, subset=args.subset)
     if args.nll_samples is not None:
         schedule = replace(schedule, nll_samples=args.nll_samples)
-    folder = args.out or REPO / "runs" / "quality" / f"{args.row}-{args.schedule}"
-    device = resolve_device(args.device)
+    folder = args.out or REPO / "runs" / "quality" / name
     data = load_dataset("mnist", root=args.data_dir, device=device, binarize="dynamic", subset=schedule.subset, seed=0)
 
     start = time.perf_counter()
-    model, history = train(args.row, schedule, folder, data, device)
+    model, history = train(args.row, schedule, folder, data, device, args.seed)
     train_seconds = sum(row["seconds"] for row in history)
-    print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
+    print(f"{name}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     value = nll(model, data.test, schedule.nll_samples, folder)
+    write_weights(folder, model, ROWS[args.row].model)
+    model_config, training_config = configs(args.row, schedule, args.seed)
     result = {
         "row": args.row,
         "schedule": args.schedule,
+        "seed": args.seed,
         "test_nll": value,
         "published_nll": PUBLISHED_NLL[args.row],
         "published_source": ROWS[args.row].source,
@@ -239,17 +411,18 @@ def main(argv=None) -> dict:
         "nll_samples": schedule.nll_samples,
         "test_images": len(data.test),
         "last_test_bound": -history[-1]["test_loss"] if history and history[-1]["test_loss"] is not None else None,
+        "active_units": count_active_units(model, data.test),
         "this_call_minutes": (time.perf_counter() - start) / 60,
         "protocol": data.protocol,
-        "model_config": asdict(configs(args.row, schedule)[0]),
-        "training_config": asdict(configs(args.row, schedule)[1]),
+        "model_config": asdict(model_config),
+        "training_config": asdict(training_config),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "code": code_version(),  # the code of this call: a resumed run was trained by earlier calls' too
     }
     write_text_atomic(folder / "result.json", json.dumps(result, indent=2) + "\n")
-    print(f"{args.row} ({args.schedule}): test NLL {value:.2f} nats (k={schedule.nll_samples}, {len(data.test)} images); "
-          f"paper {PUBLISHED_NLL[args.row]:.2f}; gap {value - PUBLISHED_NLL[args.row]:+.2f}", flush=True)
+    print(f"{name}: test NLL {value:.2f} nats (k={schedule.nll_samples}, {len(data.test)} images); "
+          f"paper {PUBLISHED_NLL[args.row]:.2f}; gap {value - PUBLISHED_NLL[args.row]:+.2f}; active units {result['active_units']}", flush=True)
     return result
 
 

@@ -10,18 +10,21 @@ and prints the test ELBO and the importance-sampled NLL of each, on the binarize
 * ``radial (yours)``: a posterior defined right here from Pyro's conditional radial flows, passed as
   ``VAE(config, posterior=..., encoder=...)``: nothing in the library names it;
 * ``vamp``: the VampPrior with 100 pseudo-inputs;
-* ``vae2``: two stochastic layers (784-200-200-50(z1)-100-50(z2) here, to stay quick).
+* ``vae2``: two stochastic layers (784-200-200-50(z1)-100-50(z2) here, to stay quick);
+* ``hvae``: Tomczak and Welling's two layers, the decoder reading both and the VampPrior on z2
+  (200-unit layers, 30 + 20 latents and 100 pseudo-inputs here, to stay quick).
 
 Every NLL is computed by the same ``pyrovae.evaluation.log_likelihood``, which reads the densities
 off the model's own Pyro traces: a flow is scored by its own density, two layers by the joint one.
 """
 
 import argparse
+from dataclasses import replace
 
 import torch
 from pyro.distributions.transforms import conditional_radial
 
-from pyrovae import VAE, NetworkConfig, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig
+from pyrovae import VAE, HierarchicalVAE, HierarchicalVAEConfig, NetworkConfig, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig
 from pyrovae.data import load_dataset
 from pyrovae.evaluation import log_likelihood, test_elbo
 from pyrovae.nets import build_encoder
@@ -54,6 +57,7 @@ def main():
         ),
         "vamp": lambda: VAE(VAEConfig(network=network, prior="vamp", num_pseudo_inputs=100)),
         "vae2": lambda: TwoLayerVAE(TwoLayerVAEConfig(network=network, top_latent_dim=50, top_hidden=(100,))),
+        "hvae": lambda: HierarchicalVAE(HierarchicalVAEConfig(network=replace(network, latent_dim=30), top_latent_dim=20, num_pseudo_inputs=100)),
     }
     print(f"{'variant':<16}{'test ELBO':>11}{'NLL':>9}   (nats; {args.subset} images, {args.epochs} epochs, k={args.nll_samples})")
     for name, build in variants.items():

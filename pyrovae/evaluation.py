@@ -54,6 +54,7 @@ __all__ = [
     "mmd",
     "aggregate_posterior_samples",
     "prior_mmd",
+    "active_units",
     "PCA",
     "predict_classes",
     "confusion_matrix",
@@ -620,6 +621,45 @@ def prior_mmd(model, x: Tensor, prior=None, seed: int = 0, labels: Tensor | None
         with torch.no_grad():
             reference = prior().sample((len(codes),)).reshape(len(codes), -1)
     return mmd(codes, reference.to(codes.device))
+
+
+def active_units(model, x: Tensor, threshold: float = 0.01, num_samples: int = 100, batch_size: int = 500) -> dict[str, int]:
+    """How many units of each latent layer of a Pyro model (the VAEs) are active on ``x: (N, C, H, W)``, by site name
+    (``{"z": ...}`` for the VAE, ``{"z1": ..., "z2": ...}`` for the two-layer ones).
+
+    Burda et al. (2016): unit ``u`` of a layer is active when ``Var_x(E_q[z_u | x]) > threshold`` (0.01 in their
+    paper), the variance over the images of the unit's posterior mean. ``E_q[z | x]`` of each sample site of
+    ``model.guide`` is the mean of the site's distribution averaged over ``num_samples`` draws of the guide (a plate
+    of particles, as in :func:`log_weights`): exact for a site whose distribution depends on ``x`` alone (the VAE's
+    z, the hierarchical VAE's z2), a Monte Carlo average over its latent parents otherwise (z1 given z2; z2 given
+    z1 in the IWAE paper's two-layer VAE); a site whose distribution has no closed-form mean (a flow) averages its
+    draws, whose noise adds about ``Var_q(z_u) / num_samples`` to each unit's variance. Draws from torch's global
+    generator; in eval mode, without gradients. A conditional model is not offered.
+    """
+    if not _is_pyro_model(model) or getattr(model, "conditional", False):
+        raise InputError(f"active units are counted for the Pyro VAEs of images alone, not for a {type(model).__name__}")
+    _check_batch_size(batch_size)
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise InputError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if len(x) < 2:
+        raise InputError(f"a variance over images needs at least 2 images, got {len(x)}")
+    model.check_input(x)
+    means: dict[str, list[Tensor]] = {}
+    with torch.no_grad(), pyro.validation_enabled(False), evaluating(model):
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(model.device)
+            with pyro.plate("particles", num_samples, dim=-2):
+                trace = poutine.trace(model.guide).get_trace(xb)
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
+                    continue
+                try:
+                    mean = site["fn"].mean
+                except NotImplementedError:  # a flow: no closed-form mean
+                    mean = site["value"]
+                mean = mean.expand(site["value"].shape)  # (K, B, L)
+                means.setdefault(name, []).append(mean.double().mean(0).flatten(1))  # (B, L)
+    return {name: int((torch.cat(parts).var(0) > threshold).sum()) for name, parts in means.items()}
 
 
 # --------------------------------------------------------------------------- PCA

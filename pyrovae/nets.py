@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,6 +33,7 @@ __all__ = [
     "ConvEncoder",
     "ConvDecoder",
     "GaussianMLP",
+    "JointMLP",
     "build_encoder",
     "build_decoder",
     "ACTIVATIONS",
@@ -98,8 +100,9 @@ def _check_tanh_init(tanh_init: str) -> None:
         raise InputError(f"unknown tanh_init {tanh_init!r}; choose from {list(TANH_INITS)}")
 
 
-def _linear_layers(widths: list[int], activation: str, tanh_init: str = "glorot") -> nn.ModuleList:
-    """Fully connected layers ``widths[0] -> widths[1] -> ... -> widths[-1]``.
+def _linear_layers(widths: list[int], activation: str, tanh_init: str = "glorot", output: bool = True) -> nn.ModuleList:
+    """Fully connected layers ``widths[0] -> widths[1] -> ... -> widths[-1]``; with ``output=False`` an
+    activation follows the last one too (a hidden layer's start).
 
     Under ``tanh`` with ``tanh_init="glorot"``, weights follow the uniform heuristic Glorot and Bengio
     (2010) derived for tanh networks (gain 5/3 where a tanh follows, 1 for the output layer) and biases
@@ -114,7 +117,8 @@ def _linear_layers(widths: list[int], activation: str, tanh_init: str = "glorot"
     layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
     if activation == "tanh" and tanh_init == "glorot":
         for i, layer in enumerate(layers):
-            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("tanh") if i < len(layers) - 1 else 1.0)
+            hidden = i < len(layers) - 1 or not output
+            nn.init.xavier_uniform_(layer.weight, gain=nn.init.calculate_gain("tanh") if hidden else 1.0)
             nn.init.zeros_(layer.bias)
     return layers
 
@@ -203,6 +207,43 @@ class GaussianMLP(nn.Module):
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return _split_gaussian(_run_layers(self.layers, self.activation, self.dropout, h), self.out_dim)
+
+
+class JointMLP(nn.Module):
+    """A fully connected network of several inputs, ``(..., D_1), ..., (..., D_n) -> (..., *output_shape)``, or the
+    ``(loc, scale)`` of a Gaussian over ``(..., out_dim)`` (``gaussian``): each input has its own first hidden layer
+    of ``hidden[0]`` units; their activations, concatenated (``n * hidden[0]``), go through the other ``hidden``
+    layers to a linear output (Tomczak and Welling 2018's networks of p(x|z1, z2) and q(z1|x, z2)).
+
+    ``forward(*inputs)`` takes one tensor per input, whose leading dimensions broadcast (an image ``(B, D)`` meets
+    draws ``(K, B, L)``, and its layer runs once per image, not once per draw), or a single tensor of them
+    concatenated, ``(..., D_1 + ... + D_n)``. ``output_shape`` is a tuple (``(C, H, W)`` for a decoder); a
+    Gaussian's is ``(out_dim,)``.
+    """
+
+    def __init__(self, in_dims, output_shape, hidden=(300, 300), activation: str = "tanh", gaussian: bool = False, dropout: float = 0.0,
+                 tanh_init: str = "glorot"):
+        super().__init__()
+        self.in_dims, self.output_shape, self.gaussian = tuple(in_dims), tuple(output_shape), gaussian
+        if not self.in_dims or not hidden:
+            raise InputError(f"a JointMLP needs inputs and at least one hidden layer, got in_dims={in_dims}, hidden={hidden}")
+        if gaussian and len(self.output_shape) != 1:
+            raise InputError(f"a Gaussian JointMLP is over a vector, output_shape (out_dim,), got {output_shape}")
+        out = math.prod(self.output_shape) * (2 if gaussian else 1)
+        self.branches = nn.ModuleList(_linear_layers([d, hidden[0]], activation, tanh_init, output=False)[0] for d in self.in_dims)
+        self.layers = _linear_layers([len(self.in_dims) * hidden[0], *hidden[1:], out], activation, tanh_init)
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout = _dropout(dropout)
+
+    def forward(self, *inputs: Tensor):
+        if len(inputs) == 1 and len(self.in_dims) > 1:
+            inputs = inputs[0].split(self.in_dims, dim=-1)
+        if len(inputs) != len(self.in_dims):
+            raise InputError(f"this JointMLP takes {len(self.in_dims)} inputs (or their concatenation), got {len(inputs)}")
+        parts = [self.dropout(self.activation(branch(h))) for branch, h in zip(self.branches, inputs)]
+        h = torch.cat(torch.broadcast_tensors(*parts) if len(parts) > 1 else parts, dim=-1)
+        h = _run_layers(self.layers, self.activation, self.dropout, h)
+        return _split_gaussian(h, self.output_shape[0]) if self.gaussian else h.unflatten(-1, self.output_shape)
 
 
 class ConvEncoder(nn.Module):

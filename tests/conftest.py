@@ -39,6 +39,25 @@ def capturing(guide, draws: list):
     return wrapped
 
 
+def reference_prior(name: str, prior, latent_dim: int) -> torch.distributions.Distribution:
+    """The distribution that the docs of the built-in prior ``name`` (the object ``prior``) describe over
+    ``(latent_dim,)``, built from torch.distributions alone (no Pyro), to check the prior against."""
+    td = torch.distributions
+    if name == "normal":
+        return td.Independent(td.Normal(torch.zeros(latent_dim), 1.0), 1)
+    if name == "laplace":
+        return td.Independent(td.Laplace(torch.zeros(latent_dim), 1.0), 1)
+    if name == "student_t":
+        return td.Independent(td.StudentT(3.0, torch.zeros(latent_dim), 1.0), 1)
+    if name == "mixture":  # K diagonal Gaussians, scale softplus(raw) + 1e-5, weights softmax(logits)
+        components = td.Independent(td.Normal(prior.locs, torch.nn.functional.softplus(prior.raw_scales) + 1e-5), 1)
+        return td.MixtureSameFamily(td.Categorical(logits=prior.logits), components)
+    if name == "vamp":  # the encoder's Gaussian posteriors at the pseudo-inputs hardtanh(raw, 0, 1), equal weights
+        loc, scale = prior._encoder[0](prior.raw_pseudo_inputs.clamp(0, 1))[:2]
+        return td.MixtureSameFamily(td.Categorical(logits=torch.zeros(len(loc))), td.Independent(td.Normal(loc, scale), 1))
+    raise ValueError(f"no reference for the prior {name!r}")
+
+
 def tiny_network(**changes) -> NetworkConfig:
     """A small MLP on 1x28x28 images: 784-64-8-64-784, fast enough for many tests."""
     values = dict(input_shape=(1, 28, 28), latent_dim=8, hidden=(64,))

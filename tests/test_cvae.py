@@ -19,7 +19,7 @@ from conftest import capturing, tiny_network
 from pyrovae import plots
 from pyrovae.checkpoints import load_checkpoint
 from pyrovae.errors import InputError
-from pyrovae.evaluation import elbo_per_example, evaluate, log_likelihood, reconstruction_error
+from pyrovae.evaluation import elbo_per_example, evaluate, linear_probe, log_likelihood, prior_mmd, reconstruction_error
 from pyrovae.models import CVAE, VAE, CVAEConfig, VAEConfig, build_model, config_from_dict, config_to_dict
 from pyrovae.training import Trainer, TrainingConfig
 
@@ -175,9 +175,18 @@ def test_bad_labels_raise_input_error(mnist):
 
 
 def test_a_short_training_run_lowers_the_loss(trained):
-    _, history = trained
+    model, history = trained
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]  # ~490 -> ~205 nats per image
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 100
+    # the label reached both networks in training: the weights on their one-hot inputs learned from it
+    # (an input held at zero would leave them where they started)
+    start = make()  # the fixture's model before training (the same seed)
+    for trained_layer, initial_layer, labels in (
+        (model.encoder.layers[0], start.encoder.layers[0], slice(784, 784 + K)),  # inputs [x.flatten(1), onehot(y)]
+        (model.decoder.layers[0], start.decoder.layers[0], slice(L, L + K)),  # inputs [z, onehot(y)]
+    ):
+        moved = (trained_layer.weight[:, labels] - initial_layer.weight[:, labels]).abs()  # (hidden, K)
+        assert moved.amax(0).min() > 1e-3  # every class's weights moved
 
 
 def test_every_step_gets_the_labels_of_its_own_images(mnist):
@@ -264,9 +273,21 @@ def test_a_trained_cvae_explains_images_best_with_their_own_labels(trained, mnis
 
 def test_evaluate_a_cvae_with_the_test_labels(trained, mnist):
     model, _ = trained
+    torch.manual_seed(5)
     results = evaluate(model, mnist, num_samples=20)
     assert -results["nll"] >= results["elbo"] - 1  # importance sampling tightens the bound
     assert results["elbo"] > -260 and 0 <= results["probe_accuracy"] <= 1 and math.isfinite(results["prior_mmd"])
+    # each figure is that of every test image with its own label: the same draws, given the labels directly
+    x, y = mnist.test, mnist.test_labels
+    torch.manual_seed(5)  # evaluate draws the ELBO's z first, then the NLL's
+    assert results["elbo"] == pytest.approx(elbo_per_example(model, x, labels=y).mean().item(), rel=1e-6)
+    assert results["nll"] == pytest.approx(-log_likelihood(model, x, num_samples=20, labels=y).double().mean().item(), rel=1e-6)
+    assert results["prior_mmd"] == pytest.approx(prior_mmd(model, x, labels=y), rel=1e-6)
+    encode = lambda images, labels: model.encode(images, labels)  # noqa: E731
+    assert results["probe_accuracy"] == linear_probe(encode, mnist.train, mnist.train_labels, x, y, encode_with_labels=True)
+    # and the labels matter: with each image's label moved to the next class, its ELBO is far lower
+    torch.manual_seed(5)
+    assert results["elbo"] > elbo_per_example(model, x, labels=(y + 1) % K).mean().item() + 3
     recon = model.reconstruct(mnist.test, mnist.test_labels)
     assert results["mse"] == pytest.approx((recon - mnist.test).square().flatten(1).sum(1).mean().item(), rel=1e-5)
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.distributions import Normal
 
 from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, iaf_posterior
 from pyrovae.data import ImageData
@@ -201,9 +202,25 @@ def test_elbo_without_closed_form_kl_uses_samples():
     config = VAEConfig(network=NetworkConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)), prior="laplace")
     vae = VAE(config).eval()
     x = torch.rand(5, 1, 4, 4)
+    draws = []  # every z the decoder is given, (K, B, 3): the draws the figures score, however they are computed
+    vae.decoder.register_forward_hook(lambda module, inputs, output: draws.append(inputs[0]))
     torch.manual_seed(0)
     elbo = elbo_per_example(vae, x, batch_size=2)
     assert elbo.shape == (5,) and torch.isfinite(elbo).all()
+
+    def log_weights_by_hand(z):  # z: (K, 5, 3) -> (K, 5), from torch.distributions: no Pyro trace involved
+        with torch.no_grad():
+            log_lik = torch.distributions.Bernoulli(logits=vae.decoder(z), validate_args=False).log_prob(x).flatten(-3).sum(-1)
+            return log_lik + torch.distributions.Laplace(0.0, 1.0).log_prob(z).sum(-1) - Normal(*vae.encoder(x)).log_prob(z).sum(-1)
+
+    z = torch.cat(draws, dim=1)  # the three batches' draws, (1, 5, 3)
+    torch.testing.assert_close(elbo, log_weights_by_hand(z)[0])
+    draws.clear()
+    nll = log_likelihood(vae, x, num_samples=200)
+    z = torch.cat([value for value in draws if value.shape[-2] == 5])  # every chunk's draws for x (not a probe's), (200, 5, 3)
+    assert z.shape == (200, 5, 3)
+    torch.testing.assert_close(nll, torch.logsumexp(log_weights_by_hand(z), 0) - math.log(200))
+    draws.clear()
     torch.manual_seed(0)
     assert (log_likelihood(vae, x.repeat(40, 1, 1, 1), num_samples=200).reshape(40, 5).mean(0) > elbo_per_example(vae, x.repeat(40, 1, 1, 1)).reshape(40, 5).mean(0)).all()
 

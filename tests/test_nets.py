@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyrovae.errors import InputError
-from pyrovae.nets import ACTIVATIONS, ConvDecoder, ConvEncoder, GaussianMLP, MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
+from pyrovae.nets import ACTIVATIONS, ConvDecoder, ConvEncoder, GaussianMLP, JointMLP, MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 KINDS = [False, True]  # conv?
@@ -82,6 +82,31 @@ def test_tanh_networks_start_from_glorots_initialization_and_others_from_pytorch
     relu = build_encoder(NetworkConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(200, 200)), gaussian=True)
     first = relu.layers[0]
     assert first.weight.abs().max() <= 784**-0.5 and first.bias.abs().max() > 0  # PyTorch's Linear default
+
+
+def test_joint_mlp_computes_its_layers_by_hand_and_broadcasts_its_inputs():
+    torch.manual_seed(0)
+    net = JointMLP((5, 3), (2, 4), hidden=(6, 7), activation="tanh")
+    assert [(b.in_features, b.out_features) for b in net.branches] == [(5, 6), (3, 6)]
+    assert [(layer.in_features, layer.out_features) for layer in net.layers] == [(12, 7), (7, 8)]
+    a, b = torch.randn(4, 5), torch.randn(10, 4, 3)  # an image (B, D) and draws (K, B, L)
+    h = torch.cat([torch.tanh(net.branches[0](a)).expand(10, 4, 6), torch.tanh(net.branches[1](b))], dim=-1)
+    by_hand = net.layers[1](torch.tanh(net.layers[0](h))).unflatten(-1, (2, 4))
+    out = net(a, b)
+    assert out.shape == (10, 4, 2, 4)
+    torch.testing.assert_close(out, by_hand)
+    torch.testing.assert_close(net(torch.cat([a.expand(10, 4, 5), b], dim=-1)), by_hand)  # or one concatenated input
+    gaussian = JointMLP((5, 3), (2,), hidden=(6,), gaussian=True)
+    loc, scale = gaussian(a, b[0])
+    assert loc.shape == scale.shape == (4, 2) and bool((scale > 0).all())
+    for i, layer in enumerate([*net.branches, *net.layers]):  # Glorot's start; gain 5/3 where a tanh follows
+        gain = 1.0 if i == 3 else 5 / 3
+        assert layer.weight.abs().max() <= gain * (6 / (layer.in_features + layer.out_features)) ** 0.5
+        assert layer.weight.abs().max() > 0.95 * gain * (6 / (layer.in_features + layer.out_features)) ** 0.5
+    with pytest.raises(InputError, match="takes 2 inputs"):
+        net(a, b, b)
+    with pytest.raises(InputError, match="hidden layer"):
+        JointMLP((5, 3), (2,), hidden=())
 
 
 def test_tanh_init_pytorch_keeps_pytorchs_default_everywhere_and_a_wrong_name_is_refused():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reference_prior
 from pyrovae.errors import InputError
 from pyrovae.nets import MLPEncoder
 from pyrovae.priors import PRIORS, GaussianMixturePrior, LaplacePrior, StandardNormal, StudentTPrior, VampPrior, check_prior, make_prior
@@ -32,6 +33,14 @@ def test_builtin_priors_are_distributions_over_codes(name):
     assert z.shape == (5, L)
     log_p = d.log_prob(z)
     assert log_p.shape == (5,) and torch.isfinite(log_p).all()
+    with torch.no_grad():
+        expected = reference_prior(name, prior, L)
+        points = 3 * torch.randn(5, L)
+        torch.testing.assert_close(d.log_prob(points), expected.log_prob(points))
+        # its samples follow it too: each coordinate's deciles agree with the reference's, from 20,000 draws each
+        deciles = torch.linspace(0.1, 0.9, 9)
+        ours, theirs = d.sample((20000,)).quantile(deciles, dim=0), expected.sample((20000,)).quantile(deciles, dim=0)
+    assert (ours - theirs).abs().max() < 0.1
 
 
 def test_standard_normal_log_density():
@@ -128,8 +137,13 @@ def test_bad_prior_parameters(build, message):
 def test_vamp_prior_is_the_mixture_of_the_encoders_posteriors_at_its_pseudo_inputs():
     encoder = MLPEncoder(IMAGE, L, hidden=(8,), gaussian=True)
     prior = VampPrior(L, encoder=encoder, input_shape=IMAGE, num_pseudo_inputs=5)
+    with torch.no_grad():  # raw values where training may take them, well outside [0, 1]
+        prior.raw_pseudo_inputs.copy_(2 * torch.randn(5, *IMAGE))
+    clipped = prior.raw_pseudo_inputs.detach().clamp(0, 1)  # hardtanh(raw, 0, 1)
+    assert (clipped == 0).any() and (clipped == 1).any() and ((clipped > 0) & (clipped < 1)).any()
+    torch.testing.assert_close(prior.pseudo_inputs, clipped, rtol=0, atol=0)
     z = torch.randn(7, L)
-    loc, scale = encoder(prior.pseudo_inputs)  # (5, L) each
+    loc, scale = encoder(clipped)  # (5, L) each
     by_hand = torch.stack([torch.distributions.Normal(loc[k], scale[k]).log_prob(z).sum(1) for k in range(5)])  # (5, 7)
     torch.testing.assert_close(prior().log_prob(z), torch.logsumexp(by_hand, 0) - math.log(5))
     # the pseudo-inputs are the prior's only parameter; the encoder stays the VAE's, trained by both terms

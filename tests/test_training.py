@@ -13,9 +13,12 @@ import threading
 import pyro
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
 
 from conftest import tiny_network
 from pyrovae.checkpoints import load_checkpoint
+from pyrovae.data import batches
 from pyrovae.errors import InputError
 from pyrovae.models import (
     AE, VAE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, VAEConfig,
@@ -123,6 +126,37 @@ def test_every_elbo_trains_the_vae(train, val, elbo, particles):
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 50
     assert all(row["kl_weight"] == 1.0 for row in history)
 
+    # One plain SGD step on the whole set (SGD, unlike Adam, shows the gradient's scale): the parameters move by
+    # lr times the gradient of the bound per image, computed by hand at the same draws of z.
+    model, lr = vae(elbo=elbo, num_particles=particles), 1e-3
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    first = Trainer(model, config(epochs=1, batch_size=len(train), optimizer="sgd", lr=lr)).fit(train)
+    reference = vae(elbo=elbo, num_particles=particles)
+    x = next(batches(train, len(train), torch.Generator().manual_seed(0)))  # the run's batch: drawn with config.seed
+    torch.manual_seed(0)  # the Trainer seeds torch with config.seed; the guide's draw is the run's first
+    loss = negative_bound_by_hand(reference, x, elbo, particles)
+    loss.backward()
+    assert first[0]["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(model.state_dict()[name], before[name] - lr * p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def negative_bound_by_hand(model, x, elbo, particles):
+    """Minus the bound per image, averaged over ``x: (B, C, H, W)``, for a Normal prior, Bernoulli pixels and
+    ``particles`` draws z ~ q(z|x) (torch.distributions, no Pyro): the ELBO's (analytic KL for "meanfield"),
+    or the IWAE bound's log-mean-exp of the importance weights."""
+    loc, scale = model.encoder(x)
+    q, prior = Normal(loc, scale), Normal(torch.zeros(()), torch.ones(()))
+    z = q.rsample((particles,))  # (K, B, L)
+    logits = model.decoder(z)
+    log_lik = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)  # (K, B)
+    if elbo == "meanfield":
+        return -(log_lik - kl_divergence(q, prior).sum(-1)).mean()
+    log_w = log_lik + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+    if elbo == "iwae":
+        return -(torch.logsumexp(log_w, 0) - math.log(particles)).mean()
+    return -log_w.mean()
+
 
 DETERMINISTIC = {
     "ae": lambda: AE(AEConfig(network=tiny_network())),
@@ -134,12 +168,50 @@ DETERMINISTIC = {
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_deterministic_models_train_through_the_same_trainer(train, val, name):
-    history = Trainer(DETERMINISTIC[name](), config(optimizer="AdamW", lr=3e-3)).fit(train, val=val)
+    torch.manual_seed(0)
+    model = DETERMINISTIC[name]()
+    history = Trainer(model, config(optimizer="AdamW", lr=3e-3)).fit(train, val=val)
     end_to_end = [row for row in history if row["phase"] == "train"]
     assert len(end_to_end) == 3
     assert end_to_end[-1]["train_loss"] < end_to_end[0]["train_loss"] - 20
     assert end_to_end[-1]["val_loss"] < end_to_end[0]["val_loss"]
     assert all("kl_weight" not in row for row in history)
+    with torch.no_grad():  # the validation figure is the model's own loss, by hand, on batches of 32 without noise
+        model.eval()
+        expected = (loss_by_hand(name, model, val[:BATCH], noise=None) + loss_by_hand(name, model, val[BATCH:], noise=None)) / 2
+    assert end_to_end[-1]["val_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+    # One plain SGD step on the whole set (end to end: the stacked AE without pretraining): the parameters
+    # move by lr times the gradient of the per-image loss, by hand, at the same noise (the denoising AE's).
+    def build():
+        torch.manual_seed(0)
+        return StackedAE(StackedAEConfig(network=tiny_network(), pretrain_epochs=0)) if name == "stacked" else DETERMINISTIC[name]()
+
+    model, reference, lr = build(), build(), 0.1
+    before = {key: p.detach().clone() for key, p in model.named_parameters()}
+    first = Trainer(model, config(epochs=1, batch_size=len(train), optimizer="sgd", lr=lr)).fit(train)
+    x = next(batches(train, len(train), torch.Generator().manual_seed(0)))  # the run's batch: drawn with config.seed
+    torch.manual_seed(0)  # the Trainer seeds torch with config.seed: the corruption is the run's first draw
+    loss = loss_by_hand(name, reference, x, noise=torch.randn_like(x))
+    loss.backward()
+    assert first[0]["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for key, p in reference.named_parameters():
+        torch.testing.assert_close(model.state_dict()[key], before[key] - lr * p.grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def loss_by_hand(name, model, x, noise):
+    """The loss per image of the autoencoder ``name`` on ``x``, from its networks: binary cross-entropy summed
+    over pixels; the sparse AE's codes are sigmoids and it adds sum_j KL(0.05 || mean code_j); the denoising AE
+    encodes ``x + 0.3 * noise`` (no noise: ``None``, as in evaluation)."""
+    source = x + 0.3 * noise if name == "denoising" and noise is not None else x
+    code = model.encoder(source)
+    if name == "sparse":
+        code = torch.sigmoid(code)
+    loss = F.binary_cross_entropy_with_logits(model.decoder(code), x, reduction="sum") / len(x)
+    if name == "sparse":
+        rho, rho_hat = 0.05, code.mean(0)
+        loss = loss + (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    return loss
 
 
 def test_stacked_pretraining_touches_only_the_active_layer(train):
@@ -514,10 +586,41 @@ def test_the_iwae_schedule_is_the_papers_at_3280_epochs_and_compresses_to_fewer(
     assert StagedDecay(328).stage_ends()[-3:] == [36, 109, 328]
 
 
-def test_iwae_schedule_and_optimizer_eps_reach_the_optimizer(train, tmp_path):
-    history = Trainer(vae(), config(epochs=4, lr_schedule="iwae", optimizer_eps=1e-4), out_dir=tmp_path).fit(train)
-    factors = [StagedDecay(4)(epoch) for epoch in range(4)]
-    assert [row["lr"] for row in history] == pytest.approx([1e-3 * f for f in factors])
+class RecordingRates(AE):
+    """An AE whose every step records ``(lr, eps)`` of the optimizer it is about to update (``trainer``'s)."""
+
+    def training_step(self, x, update, progress):
+        group = self.trainer.optimizers["model"].param_groups[0]
+        self.rates.append((group["lr"], group["eps"]))
+        return super().training_step(x, update, progress)
+
+
+def staged_rates(lr, stage_epochs):
+    """The IWAE paper's schedule written out: stage i lasts ``stage_epochs[i]`` epochs at ``lr * 10^(-i/7)``."""
+    return [lr * 10 ** (-i / 7) for i, length in enumerate(stage_epochs) for _ in range(length)]
+
+
+@pytest.mark.parametrize(
+    "epochs, stage_epochs",
+    [
+        (3280, [3**i for i in range(8)]),  # the paper's: 1 + 3 + 9 + ... + 2187 epochs
+        (16, [0, 0, 0, 0, 1, 1, 3, 11]),  # compressed: stage i ends at round(16 * (3^(i+1) - 1) / 2 / 3280)
+    ],
+)
+def test_iwae_schedule_and_optimizer_eps_reach_the_optimizer(tmp_path, epochs, stage_epochs):
+    """One image, batch 1: a step per epoch, each reading lr and eps off the optimizer it updates."""
+    torch.manual_seed(0)
+    model = RecordingRates(AEConfig(network=tiny_network(hidden=(), latent_dim=1)))
+    model.rates = []
+    folder = tmp_path if epochs < 100 else None  # a checkpoint per epoch would take minutes for 3,280 epochs
+    model.trainer = Trainer(model, config(epochs=epochs, batch_size=1, lr_schedule="iwae", optimizer_eps=1e-4), out_dir=folder, model_name="ae")
+    history = model.trainer.fit(torch.rand(1, 1, 28, 28))
+    assert len(model.rates) == epochs
+    assert [lr for lr, _ in model.rates] == pytest.approx(staged_rates(1e-3, stage_epochs), rel=1e-9)
+    assert [row["lr"] for row in history] == pytest.approx(staged_rates(1e-3, stage_epochs), rel=1e-9)
+    assert {eps for _, eps in model.rates} == {1e-4}
+    if folder is None:
+        return
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     resumed = Trainer.resume(tmp_path, device="cpu")
     assert resumed.config.optimizer_eps == 1e-4 and state["training_config"]["lr_schedule"] == "iwae"

@@ -16,7 +16,7 @@ from pyro.infer import (
 from torch import nn
 from torch.distributions import Normal, constraints, kl_divergence
 
-from conftest import capturing, cuda, tiny_network
+from conftest import capturing, cuda, reference_prior, tiny_network
 from pyrovae.data import batches
 from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood, NormalLikelihood
@@ -525,9 +525,26 @@ def test_bad_likelihood_is_rejected_at_construction(likelihood, message):
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 @pytest.mark.parametrize("prior", sorted(PRIORS))
 def test_every_builtin_prior_and_likelihood(prior, likelihood, images):
+    """The ELBO at the trace's z, from torch.distributions: the prior's density, the likelihood's (per pixel,
+    summed), the Gaussian posterior's."""
     vae = make_vae(prior=prior, likelihood=likelihood)
-    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, images[:4], num_data=300)
-    assert torch.isfinite(loss)
+    x, draws = images[:4], []
+    loss = Trace_ELBO().differentiable_loss(vae.model, capturing(vae.guide, draws), x, num_data=300)
+    z = draws[0]  # (4, L)
+    with torch.no_grad():
+        out = vae.decoder(z)  # (4, 1, 28, 28): logits or locations
+        pixels = {
+            "bernoulli": lambda: torch.distributions.Bernoulli(logits=out, validate_args=False),  # grey levels: minus the BCE
+            "continuous_bernoulli": lambda: torch.distributions.ContinuousBernoulli(logits=out),
+            "normal": lambda: torch.distributions.Normal(out, vae.likelihood.scale),
+            "laplace": lambda: torch.distributions.Laplace(out, vae.likelihood.scale),
+        }[likelihood]()
+        log_lik = pixels.log_prob(x).flatten(1).sum(1)
+        log_p = reference_prior(prior, vae.prior, L).log_prob(z)
+        log_q = Normal(*vae.encoder(x)).log_prob(z).sum(1)
+        torch.testing.assert_close(vae.likelihood(out).log_prob(x), log_lik)
+        torch.testing.assert_close(vae.prior().log_prob(z), log_p)
+    torch.testing.assert_close(loss.detach(), -(300 / 4) * (log_lik + log_p - log_q).sum(), rtol=1e-5, atol=1e-2)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in vae.parameters())
     assert vae.sample(2).shape == (2, 1, 28, 28)
@@ -631,8 +648,8 @@ def test_config_round_trips_through_json():
 
 
 def test_model_registry_errors():
-    assert set(MODELS) == {"vae", "vae2", "cvae", "aae", "ae", "sparse", "stacked", "denoising"}
-    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'sparse', 'stacked', 'vae', 'vae2'\]"):
+    assert set(MODELS) == {"vae", "vae2", "hvae", "cvae", "aae", "ae", "sparse", "stacked", "denoising"}
+    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'hvae', 'sparse', 'stacked', 'vae', 'vae2'\]"):
         build_model("gan")
     with pytest.raises(ValueError, match="not a VAEConfig"):
         config_from_dict("vae", {"nonsense": 1})
