@@ -1,14 +1,16 @@
 """Benchmark 3: importance-sampled NLL with ``pyrovae.evaluation.log_likelihood``.
 
-* Seconds for ``k`` samples per image over the MNIST test images, against the compute lower
+* Seconds for ``k`` samples per image over MNIST test images, against the compute lower
   bound of the ``k`` decoder passes per image (``k x N x decoder FLOPs / matmul rate``).
 * Against a Python loop over images that encodes ``k`` copies of each image
-  (:func:`benchmarks.references.per_image_log_likelihood`), timed on a few images in the same run
-  and extrapolated to ``N``.
+  (:func:`benchmarks.references.per_image_log_likelihood`), timed on fewer images in the same
+  rounds; the speed-up compares seconds per image.
 * Peak resident memory of a fresh process computing the estimate with ``k = 5000``.
 
-The model is a freshly initialised VAE: the cost does not depend on the weights. Both estimates
-are printed (mean NLL on the images both ran) as a check that they compute the same thing.
+Both contenders run in each of ``rounds`` rounds, one after the other (after a warm-up of each);
+the figures are the medians over the rounds, so one slow moment of a shared machine moves
+neither. The model is a freshly initialised VAE: the cost does not depend on the weights. Both
+estimates are printed (mean NLL on the images both ran) as a check that they compute the same thing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 
 import torch
 
-from .common import Settings, decoder_widths, linear_flops, load_mnist, matmul_rate, peak_rss_of, thread_env, timed_call
+from .common import Settings, decoder_widths, linear_flops, load_mnist, matmul_rate, median, peak_rss_of, thread_env, timed_call
 from .references import per_image_log_likelihood
 
 __all__ = ["bench_nll", "nll_memory"]
@@ -36,20 +38,22 @@ def bench_nll(
     num_images: int | None = None,
     num_samples: int = 1000,
     loop_images: int | None = None,
+    rounds: int = 3,
     memory_samples: int | None = 5000,
     memory_images: int | None = None,
     data=None,
 ) -> dict:
-    """Seconds of ``log_likelihood`` on ``num_images`` test images (default 1,000 quick, 10,000 full) with ``num_samples``.
+    """Seconds of ``log_likelihood`` on ``num_images`` test images (default 500 quick, 2,000 full) with ``num_samples``,
+    and of the per-image loop on the first ``loop_images`` of them (default 50 quick, 200 full), in each of ``rounds``
+    rounds; medians over the rounds.
 
-    ``loop_images`` images (default 20 quick, 100 full) go through the per-image loop; a fresh process
-    estimates ``memory_images`` images (default 50 quick, 1,000 full) with ``memory_samples`` for
+    A fresh process estimates ``memory_images`` images (default 50 quick, 1,000 full) with ``memory_samples`` for
     the memory figure (``None`` skips it).
     """
     from pyrovae.evaluation import log_likelihood
 
-    num_images = num_images or (1000 if settings.quick else 10_000)
-    loop_images = loop_images or (20 if settings.quick else 100)
+    num_images = num_images or (500 if settings.quick else 2000)
+    loop_images = min(loop_images or (50 if settings.quick else 200), num_images)
     memory_images = memory_images or (50 if settings.quick else 1000)
     if data is None:
         data = load_mnist(settings)
@@ -59,30 +63,37 @@ def bench_nll(
     rate = matmul_rate(settings.device, seconds=settings.rate_seconds)  # measured again after the timings; the higher rate counts
     decoder_flops = linear_flops(decoder_widths(), 1)
 
+    runs, loop_runs = [], []
     with torch.no_grad():
         log_likelihood(vae, x[:8], num_samples=k)  # warm-up
-        torch.manual_seed(settings.seed)
-        seconds, ll = timed_call(lambda: log_likelihood(vae, x, num_samples=k), settings.device)
         # the loop runs pyrovae's own encoder (-> loc, scale) and decoder (-> logits) modules
         per_image_log_likelihood(vae.encoder, vae.decoder, x[:2], k)  # warm-up
-        loop_seconds, loop_ll = timed_call(lambda: per_image_log_likelihood(vae.encoder, vae.decoder, x[:loop_images], k), settings.device)
+        for round_ in range(rounds):
+            torch.manual_seed(settings.seed + round_)
+            seconds, ll = timed_call(lambda: log_likelihood(vae, x, num_samples=k), settings.device)
+            loop_seconds, loop_ll = timed_call(lambda: per_image_log_likelihood(vae.encoder, vae.decoder, x[:loop_images], k), settings.device)
+            runs.append(seconds)
+            loop_runs.append(loop_seconds)
 
     rate = max(rate, matmul_rate(settings.device, seconds=settings.rate_seconds))
     bound = k * n * decoder_flops / rate
-    loop_extrapolated = loop_seconds * n / loop_images
+    seconds, loop_seconds = median(runs), median(loop_runs)
     result = {
         "images": n,
         "num_samples": k,
         "device": str(settings.device),
+        "rounds": rounds,
         "seconds": seconds,
+        "seconds_runs": [round(t, 6) for t in runs],
         "images_per_s": n / seconds,
         "matmul_gflops": rate / 1e9,
         "compute_bound_s": bound,
         "ratio_bound": seconds / bound,
         "loop_images": loop_images,
         "loop_seconds": loop_seconds,
-        "loop_extrapolated_s": loop_extrapolated,
-        "speedup_vs_loop": loop_extrapolated / seconds,
+        "loop_seconds_runs": [round(t, 6) for t in loop_runs],
+        "loop_extrapolated_s": loop_seconds * n / loop_images,
+        "speedup_vs_loop": (loop_seconds / loop_images) / (seconds / n),
         "mean_nll": float(-ll.mean()),
         "mean_nll_first_loop_images": float(-ll[:loop_images].mean()),
         "loop_mean_nll": float(-loop_ll.mean()),

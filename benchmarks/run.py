@@ -4,16 +4,22 @@
     python benchmarks/run.py --quick          # everything, small sizes (under 5 min)
     python benchmarks/run.py --only svi,ae    # some of: svi ae nll scaling profile memory distributed gpu
     python benchmarks/run.py --device cuda    # benchmarks 1-4 on the GPU
+    python benchmarks/run.py --quick --repeat 3   # everything three times; each target's median
 
 Prints each benchmark's figures as it finishes, then one line per target:
-name, measured figure, target, ``met`` or ``missed``. Writes ``results.json`` and
-``scaling.png`` to ``--out`` (default ``runs/benchmarks``). No timing is asserted anywhere else.
+name, measured figure, target, ``met`` or ``missed``. With ``--repeat N`` the chosen benchmarks
+run N times in a row and each target's figure is the median of the N runs (the runs' figures
+are printed beside it). Every ratio compares pyrovae with its reference timed in the same run,
+interleaved, as medians of repeats. The load average is printed at the start and at the end:
+timings taken while other processes run are noisy. Writes ``results.json`` and ``scaling.png``
+to ``--out`` (default ``runs/benchmarks``). No timing is asserted anywhere else.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -123,8 +129,8 @@ def describe(name: str, r: dict) -> str:
         )
     if name == "nll":
         lines = [
-            f"nll: {r['images']:,} test images, k={r['num_samples']}: {r['seconds']:.2f} s ({r['images_per_s']:.0f} images/s), compute bound {r['compute_bound_s']:.2f} s, ratio {r['ratio_bound']:.2f}",
-            f"  per-image loop (k copies encoded): {r['loop_seconds']:.2f} s for {r['loop_images']} images -> {r['loop_extrapolated_s']:.1f} s extrapolated; speed-up {r['speedup_vs_loop']:.1f}x",
+            f"nll: {r['images']:,} test images, k={r['num_samples']}: median {r['seconds']:.2f} s of {r['rounds']} rounds {[round(t, 2) for t in r['seconds_runs']]} ({r['images_per_s']:.0f} images/s), compute bound {r['compute_bound_s']:.2f} s, ratio {r['ratio_bound']:.2f}",
+            f"  per-image loop (k copies encoded), in the same rounds: median {r['loop_seconds']:.2f} s {[round(t, 2) for t in r['loop_seconds_runs']]} for {r['loop_images']} images -> {r['loop_extrapolated_s']:.1f} s for {r['images']:,}; speed-up {r['speedup_vs_loop']:.2f}x",
             f"  mean NLL on those {r['loop_images']} images: pyrovae {r['mean_nll_first_loop_images']:.2f}, loop {r['loop_mean_nll']:.2f} nats (untrained model)",
         ]
         if "memory" in r:
@@ -193,17 +199,32 @@ def _fmt(value, unit: str) -> str:
     return f"{value:.3f}{unit}"
 
 
-def target_lines(results: dict) -> list[str]:
-    """One line per target: name, figure, target, met / missed (``not run`` when its benchmark did not run)."""
+def target_figures(runs: list[dict]) -> dict[str, dict]:
+    """Each target's figure in every run that has it, and their median: ``{name: {"median": ..., "runs": [...]}}``."""
+    figures = {}
+    for name, path, _, _, _ in TARGETS:
+        values = [v for v in (_get(results, *path) for results in runs) if v is not None]
+        figures[name] = {"median": statistics.median(values) if values else None, "runs": values}
+    return figures
+
+
+def target_lines(runs: dict | list[dict]) -> list[str]:
+    """One line per target: name, figure (the median over ``runs``, a list of results, or one run's results),
+    target, met / missed (``not run`` when its benchmark did not run); with several runs, their figures after it."""
+    runs = [runs] if isinstance(runs, dict) else runs
+    figures = target_figures(runs)
     lines = []
     for name, path, op, target, unit in TARGETS:
-        value = _get(results, *path)
+        value = figures[name]["median"]
         if value is None:
-            status, shown = ("not run" if path[0] not in results else "missed (no figure)"), "-"
+            status, shown = ("not run" if all(path[0] not in results for results in runs) else "missed (no figure)"), "-"
         else:
             met = value <= target if op == "<=" else value >= target
             status, shown = ("met" if met else "missed"), _fmt(value, unit)
-        lines.append(f"{name:<44} {shown:>12}   target {op} {_fmt(target, unit):<9} {status}")
+        line = f"{name:<44} {shown:>12}   target {op} {_fmt(target, unit):<9} {status}"
+        if len(runs) > 1 and figures[name]["runs"]:
+            line += "   (runs: " + ", ".join(_fmt(v, unit) for v in figures[name]["runs"]) + ")"
+        lines.append(line)
     return lines
 
 
@@ -243,6 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder holding MNIST/raw (default: the repository's data/)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="run the chosen benchmarks this many times in a row; each target's figure is the median (default 1)")
     return parser.parse_args(argv)
 
 
@@ -262,32 +284,51 @@ def main(argv=None) -> int:
     settings = Settings(device=resolve_device(args.device), data_dir=Path(args.data_dir), quick=args.quick, out_dir=out, seed=args.seed)
     machine = machine_info(settings.device)
     print(f"machine: {machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']} with {machine['torch_threads']} threads, pyro {machine['pyro']}, device {machine['device']}")
-    print(f"mode: {'quick' if args.quick else 'full'}; benchmarks: {', '.join(names)}", flush=True)
+    if args.repeat < 1:
+        print(f"run.py: error: --repeat must be at least 1, got {args.repeat}", file=sys.stderr)
+        return 2
+    print(f"mode: {'quick' if args.quick else 'full'}; benchmarks: {', '.join(names)}; runs: {args.repeat}", flush=True)
+    print(f"load average (1, 5, 15 min) at the start: {machine.get('load_average')}", flush=True)
     busy = busy_warning(machine)
     if busy:
         print(busy, flush=True)
     print(flush=True)
 
-    results: dict = {}
+    runs: list[dict] = []
     started = time.perf_counter()
-    for name in names:
-        start = time.perf_counter()
-        try:
-            results[name] = run_benchmark(name, settings)
-        except Exception as error:  # one broken benchmark must not hide the others' figures
-            results[name] = {"error": f"{type(error).__name__}: {error}"}
-        results[name]["wall_s"] = time.perf_counter() - start
-        print(describe(name, results[name]))
-        print(f"  ({results[name]['wall_s']:.0f} s)\n", flush=True)
+    for repeat in range(args.repeat):
+        if args.repeat > 1:
+            print(f"=== run {repeat + 1} of {args.repeat} (load average {machine_info(settings.device).get('load_average')})\n", flush=True)
+        results: dict = {}
+        for name in names:
+            start = time.perf_counter()
+            try:
+                results[name] = run_benchmark(name, settings)
+            except Exception as error:  # one broken benchmark must not hide the others' figures
+                results[name] = {"error": f"{type(error).__name__}: {error}"}
+            results[name]["wall_s"] = time.perf_counter() - start
+            print(describe(name, results[name]))
+            print(f"  ({results[name]['wall_s']:.0f} s)\n", flush=True)
+        runs.append(results)
     total = time.perf_counter() - started
 
     machine["load_average_at_end"] = machine_info(settings.device).get("load_average")
-    record = {"command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]), "quick": args.quick, "machine": machine, "total_s": total, "results": results}
+    record = {
+        "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "machine": machine,
+        "total_s": total,
+        "targets": target_figures(runs),
+        "results": runs[-1],
+        "runs": runs,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    for line in info_lines(results):
+    for line in info_lines(runs[-1]):
         print(line)
-    print(f"targets ({total:.0f} s in all; figures in {out / 'results.json'}):")
-    for line in target_lines(results):
+    print(f"load average (1, 5, 15 min) at the end: {machine['load_average_at_end']}")
+    what = "the median of " + str(len(runs)) + " runs" if len(runs) > 1 else "one run"
+    print(f"targets ({what}; {total:.0f} s in all; figures in {out / 'results.json'}):")
+    for line in target_lines(runs):
         print(line)
     return 0
 

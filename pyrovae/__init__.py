@@ -6,6 +6,7 @@ from .errors import InputError
 from .likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
     LaplaceLikelihood,
     NormalLikelihood,
     make_likelihood,
@@ -52,7 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageData", "load_dataset", "resolve_device", "InputError",
-    "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
+    "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedLogisticLikelihood", "LaplaceLikelihood", "NormalLikelihood", "make_likelihood",
     "AAE", "AE", "CVAE", "MODELS", "VAE", "AAEConfig", "AEConfig", "CVAEConfig", "DenoisingAE", "DenoisingAEConfig", "HierarchicalVAE", "HierarchicalVAEConfig", "SparseAE",
     "SemiSupervisedVAE", "M2Config", "MixtureVAE", "MixtureVAEConfig",
     "SparseAEConfig", "StackedAE", "StackedAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "VAEConfig", "build_model",

@@ -76,6 +76,9 @@ MODEL_OPTIONS = {
     "--num-pseudo-inputs": "num_pseudo_inputs",
     "--top-latent-dim": "top_latent_dim",
     "--top-hidden": "top_hidden",
+    "--reconstruction-lr": "reconstruction_lr",
+    "--discriminator-lr": "discriminator_lr",
+    "--generator-lr": "generator_lr",
     "--alpha": "alpha",
     "--num-components": "num_components",
 }
@@ -145,17 +148,20 @@ def _network_parent() -> argparse.ArgumentParser:
     parent, group = _new_parent("network")
     group.add_argument("--hidden", type=_int_list, default=(400,), help="MLP hidden widths from the image side, e.g. 512,256 (default: 400)")
     group.add_argument("--latent-dim", type=int, default=None, help=f"size of the code z (default: {_latent_defaults()})")
-    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP")
+    group.add_argument("--conv", action="store_true", help="convolutional encoder and decoder instead of the MLP, for images whose sides are multiples of 4")
+    group.add_argument("--conv-depth", type=int, default=None, help="stride-2 layers of the conv networks (default: from the image size, 2 for 28x28 and 32x32, 3 for 64x64)")
     group.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=0.0, help="probability of dropping each hidden unit in training; off for evaluation, sampling and figures (default: %(default)s)")
     return parent
 
 
-def _training_parent(epochs: int) -> argparse.ArgumentParser:
+def _training_parent(epochs: int, resume: bool = False) -> argparse.ArgumentParser:
+    """The training options, ``--epochs`` defaulting to ``epochs``; its help speaks of ``--resume`` where the command has it."""
     parent, group = _new_parent("training")
-    group.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
+    extend = "; with --resume, more epochs than the run's extend it (see --resume)" if resume else ""
+    group.add_argument("--epochs", type=int, default=epochs, help=f"training epochs{extend} (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=256, help="minibatch size (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate of every optimizer (the aae's three phases too, unless --reconstruction-lr, --discriminator-lr or --generator-lr sets a phase's own) (default: %(default)s)")
     group.add_argument("--optimizer", type=str.lower, choices=sorted(OPTIMIZERS), default="adam", help="torch.optim optimizer (default: %(default)s)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay (default: %(default)s)")
     group.add_argument("--lr-schedule", choices=_or_none(LR_SCHEDULES), default="none", help="cosine decay to 0, halving every --lr-step-epochs (step), or the IWAE paper's stages (default: none)")
@@ -175,15 +181,17 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prior", choices=sorted(PRIORS), default=argparse.SUPPRESS, help=_model_help("prior p(z)", "prior"))
     group.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=argparse.SUPPRESS, help=_model_help("likelihood p(x|z)", "likelihood"))
     group.add_argument("--beta", type=float, default=argparse.SUPPRESS, help=_model_help("KL weight beta", "beta"))
-    group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
+    group.add_argument("--elbo", choices=sorted(ELBOS), default=argparse.SUPPRESS, help=_model_help("objective: Trace_ELBO, TraceMeanField_ELBO (not for vae2, whose guide is not mean-field) or the IWAE bound (RenyiELBO, alpha=0)", "elbo"))
     group.add_argument("--num-particles", type=int, default=argparse.SUPPRESS, help=_model_help("samples of z per image in the objective (k of the IWAE bound)", "num_particles"))
-    group.add_argument("--kl-warmup", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
+    group.add_argument("--kl-warmup", dest="kl_warmup_epochs", metavar="EPOCHS", type=int, default=argparse.SUPPRESS, help=_model_help("epochs of linear KL warm-up from 0 to beta", "kl_warmup_epochs"))
     group.add_argument("--free-bits", type=float, default=argparse.SUPPRESS, help=_model_help("nats per latent site below which training does not push its KL lower (Kingma et al. 2016)", "free_bits"))
     group.add_argument("--posterior", choices=sorted(POSTERIORS), default=argparse.SUPPRESS, help=_model_help("q(z|x): diagonal Gaussian, or that Gaussian through inverse autoregressive or planar flows", "posterior"))
     group.add_argument("--flow-layers", type=int, default=argparse.SUPPRESS, help=_model_help("steps of a flow posterior", "flow_layers"))
     group.add_argument("--num-pseudo-inputs", type=int, default=argparse.SUPPRESS, help=_model_help("pseudo-inputs K of the VampPrior (--prior vamp)", "num_pseudo_inputs"))
     group.add_argument("--top-latent-dim", type=int, default=argparse.SUPPRESS, help=_model_help("size of z2, the top latent layer", "top_latent_dim"))
     group.add_argument("--top-hidden", type=_int_list, default=argparse.SUPPRESS, help=_model_help("hidden widths between z1 and z2", "top_hidden"))
+    for phase in ("reconstruction", "discriminator", "generator"):
+        group.add_argument(f"--{phase}-lr", type=float, default=argparse.SUPPRESS, help=_model_help(f"learning rate of the {phase} phase", f"{phase}_lr"))
     group.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help=_model_help("weight of the classification loss alpha * N * E[-log q(y|x)] on labelled images", "alpha"))
     group.add_argument("--num-components", type=int, default=argparse.SUPPRESS, help=_model_help("components K of the mixture prior, the clusters", "num_components"))
 
@@ -191,7 +199,8 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
 def _model_help(text: str, field: str) -> str:
     """``text``, the models whose config has ``field``, and its default there."""
     defaults = {name: _fields(config_class)[field].default for name, (_, config_class) in MODELS.items() if field in _fields(config_class)}
-    return f"{text} ({', '.join(defaults)}; default: {next(iter(defaults.values()))})"
+    default = next(iter(defaults.values()))
+    return f"{text} ({', '.join(defaults)}; default: {'--lr' if default is None and field.endswith('_lr') else default})"
 
 
 def _default_latent_dim(name: str | None) -> int:
@@ -220,6 +229,11 @@ def _single_option_parent(*flags: str, **options) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyrovae`` parser: one subcommand per entry of :data:`COMMANDS`."""
+    return _build_parser()[0]
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``pyrovae`` parser and the parser of each subcommand, by name."""
     parser = argparse.ArgumentParser(prog="pyrovae", description="Train, evaluate and compare VAEs (Pyro) and autoencoder baselines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data, network = _data_parent(), _network_parent()
@@ -229,10 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     labels = _single_option_parent("--labels", type=int, default=None, help="m2 (semi-supervised): keep N training labels, N/K of each class drawn with --seed, and treat the other images as unlabelled (the draw is recorded in the run)")
     num_samples = _single_option_parent("--num-samples", type=int, default=1000, help="importance samples k per image for a VAE's NLL (default: %(default)s)")
 
-    train = sub.add_parser("train", parents=[data, network, _training_parent(epochs=10), seed, labels, device], help="train a model and write a run folder", description="Train a model; write its config, checkpoint, metrics, figures and a summary to --out. With no options: the VAE on MNIST.")
+    train = sub.add_parser("train", parents=[data, network, _training_parent(epochs=10, resume=True), seed, labels, device], help="train a model and write a run folder", description="Train a model; write its config, checkpoint, metrics, figures and a summary to --out. With no options: the VAE on MNIST.")
     train.add_argument("--model", choices=sorted(MODELS), default="vae", help="model to train (default: %(default)s)")
     train.add_argument("--out", default="runs/vae", help="run folder (default: %(default)s)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (its saved options are used)")
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its last checkpoint, with the options it was trained with. --epochs N, more than "
+             "the run's, extends it, finished or not, as a run of N epochs would have gone on (refused for a run with a cosine or "
+             "iwae --lr-schedule, which is fitted to the total epochs, and for one that stopped early); --device, --data-dir and "
+             "--no-progress apply; any other option must match the saved run, or it is refused",
+    )
     _model_options_group(train)
 
     sub.add_parser("eval", parents=[run, num_samples, device], help="evaluate a trained run", description="Test ELBO, importance-sampled NLL, reconstruction error and linear-probe accuracy of a run; printed as a table and written to RUN/eval.json.")
@@ -249,7 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[data, network, _training_parent(epochs=5), seed, labels, num_samples, device], help="train and compare several models with the same networks and budget", description="Train each model with the same networks, data and epochs into OUT/MODEL (a run folder, like `pyrovae train`'s); write comparison.md, comparison.json and comparison.png to --out.")
     compare.add_argument("--models", type=_model_list, default=COMPARE_DEFAULT, help=f"comma-separated, from {', '.join(COMPARABLE)} (default: %(default)s)")
     compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
-    return parser
+    return parser, dict(sub.choices)
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The options (by ``dest``) that the command line ``argv`` sets, rather than leaving at their defaults."""
+    parser, commands = _build_parser()
+    args = parser.parse_args(argv)
+    unset = object()
+    commands[args.command].set_defaults(**dict.fromkeys(vars(args), unset))
+    return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not unset and dest != "command"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -275,7 +304,10 @@ def _network_config(args, image_shape, model: str | None = None) -> NetworkConfi
     """The network of the options; without ``--latent-dim``, the code size of ``model``'s default config
     (``NetworkConfig``'s for none: `compare` gives every model the same network)."""
     latent_dim = args.latent_dim if args.latent_dim is not None else _default_latent_dim(model)
-    return NetworkConfig(input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout)
+    return NetworkConfig(
+        input_shape=image_shape, latent_dim=latent_dim, hidden=args.hidden, conv=args.conv, activation=args.activation, dropout=args.dropout,
+        conv_depth=args.conv_depth,
+    )
 
 
 def _model_config(name: str, network: NetworkConfig, options: dict):
@@ -307,6 +339,63 @@ def _training_config(args) -> TrainingConfig:
         seed=args.seed,
         progress=not args.no_progress,
     )
+
+
+#: train's options that a resumed run takes from the command line (--epochs only to extend it): where the run is,
+#: where it runs, where its data is, and whether a progress bar shows
+RESUME_OPTIONS = ("out", "resume", "epochs", "device", "data_dir", "no_progress")
+
+
+def _saved_options(saved: dict) -> dict:
+    """The value of each option of ``pyrovae train`` (by ``dest``, as ``args`` holds it) that made the run whose
+    config.json is ``saved``; a model option only where the model's config has its field."""
+    model, training, metadata = saved["model_config"], saved["training_config"], saved["metadata"]
+    network, data = model["network"], metadata["data"]
+    options = {
+        "model": saved["model_name"],
+        "dataset": data["name"], "binarize": data["binarize"] or "none", "val_size": data["val_size"], "subset": data["subset"],
+        "hidden": tuple(network["hidden"]), "latent_dim": network["latent_dim"], "conv": network["conv"],
+        "activation": network["activation"], "dropout": network["dropout"],
+        "batch_size": training["batch_size"], "lr": training["lr"], "optimizer": training["optimizer"],
+        "weight_decay": training["weight_decay"], "lr_schedule": training["lr_schedule"] or "none",
+        "lr_step_epochs": training["lr_step_epochs"], "grad_clip": training["grad_clip"],
+        "patience": training["early_stopping_patience"], "eval_every": training["eval_every"],
+        "eval_images": metadata.get("eval_images", 0), "skip_nonfinite": training["skip_nonfinite"], "seed": training["seed"],
+        "labels": metadata["labels"]["count"] if "labels" in metadata else None,  # m2's kept labels
+    }
+    for field in MODEL_OPTIONS.values():
+        if field in model:
+            options[field] = tuple(model[field]) if isinstance(model[field], list) else model[field]
+    return options
+
+
+def _flag(dest: str) -> str:
+    """The option of ``pyrovae train`` whose ``dest`` is ``dest``: ``"kl_warmup_epochs"`` -> ``"--kl-warmup"``."""
+    return {field: flag for flag, field in MODEL_OPTIONS.items()}.get(dest, "--" + dest.replace("_", "-"))
+
+
+def _shown(value) -> str:
+    """An option's value as it is written on the command line."""
+    if value is None:
+        return "none"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _check_resume_options(args, folder: Path) -> None:
+    """Raise :class:`InputError` naming every option given with ``--resume`` that contradicts the run in ``folder``."""
+    saved = _saved_options(json.loads((folder / CONFIG_FILE).read_text()))
+    wrong = []
+    for dest in sorted(args.given - set(RESUME_OPTIONS)):
+        value = getattr(args, dest)
+        if dest not in saved:
+            wrong.append(f"{_flag(dest)} {_shown(value)} (the run has no {_flag(dest)})")
+        elif value != saved[dest]:
+            wrong.append(f"{_flag(dest)} {_shown(value)} (the run's: {_shown(saved[dest])})")
+    if wrong:
+        raise InputError(
+            f"{folder} goes on with the options it was trained with: {'; '.join(wrong)} would change it. With --resume only "
+            "--epochs (to extend the run), --device, --data-dir and --no-progress apply; train a new run in another --out to change more"
+        )
 
 
 def _write_json(path: Path, value) -> None:
@@ -398,10 +487,11 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     # principal axes, which show their structure (an isotropic prior's axes are arbitrary)
     with torch.no_grad():
         prior_samples = model.prior().sample((2000,)) if isinstance(model, AAE) else None
-    plots.latent_scatter(model, x[:2000], data.test_labels[:2000], path=folder / "latent.png", prior_samples=prior_samples)
+    class_names = getattr(data, "class_names", None)  # an image folder's sub-folders, torchvision's classes
+    plots.latent_scatter(model, x[:2000], data.test_labels[:2000], path=folder / "latent.png", prior_samples=prior_samples, class_names=class_names)
     written.append("latent.png")
     if model.conditional:
-        plots.class_samples(model, path=folder / "samples.png")
+        plots.class_samples(model, path=folder / "samples.png", class_names=class_names)
         written.append("samples.png")
     elif hasattr(model, "sample"):
         plots.samples(model, path=folder / "samples.png")
@@ -415,16 +505,32 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     return written
 
 
+#: decimals of each figure in a printed table: nats (ELBO, NLL, BCE) and the squared error per image to
+#: hundredths, bits/dim and accuracy to thousandths (the JSON files keep full precision)
+DECIMALS = {"elbo": 2, "nll": 2, "bce": 2, "mse": 2, "bits_per_dim": 3, "probe_accuracy": 3, "prior_mmd": 4, "training_seconds": 2}
+
+
 def _format_table(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table of ``rows``; floats to 4 significant digits, ``-`` for missing values."""
-    def cell(value):
+    """A Markdown table of ``rows``; floats to fixed :data:`DECIMALS` (4 for another figure), ``-`` for missing values."""
+    def cell(column, value):
         if value is None:
             return "-"
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+        return f"{value:.{DECIMALS.get(column, 4)}f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _table_columns(results: dict, *leave_out: str) -> list[str]:
+    """The keys of ``results`` with one value each (not ``leave_out``, not the per-class dict): a table's columns."""
+    return [k for k, v in results.items() if k not in leave_out and not isinstance(v, dict)]
+
+
+def _per_class_line(results: dict) -> str:
+    """The linear probe's accuracy on each class, by name, on one line."""
+    per_class = results["probe_accuracy_per_class"]
+    return "probe accuracy per class: " + ", ".join(f"{name} {value:.3f}" for name, value in per_class.items())  # as the table's accuracies
 
 
 # --------------------------------------------------------------------------- commands
@@ -437,8 +543,11 @@ def cmd_train(args) -> None:
     folder = Path(args.out)
     if args.resume:
         metadata = _run_metadata(folder)
-        data = _load_data(metadata["data"], device)
-        trainer = Trainer.resume(folder, device=device)
+        _check_resume_options(args, folder)
+        trainer = Trainer.resume(
+            folder, device=device, epochs=args.epochs if "epochs" in args.given else None, progress=False if args.no_progress else None
+        )
+        data = _load_data({**metadata["data"], **({"root": args.data_dir} if "data_dir" in args.given else {})}, device)
         draw = metadata.get("labels")
     else:
         if distributed.any_rank((folder / CHECKPOINT_FILE).exists()):  # every rank decides before rank 0 writes
@@ -473,7 +582,8 @@ def cmd_train(args) -> None:
     results["training_seconds"] = round(seconds, 2)
     results["figures"] = _figures(model, data, history, folder)
     _write_json(folder / "summary.json", results)
-    print(_format_table([results], [k for k in results if k != "figures"]))
+    print(_per_class_line(results))
+    print(_format_table([results], _table_columns(results, "figures")))
     print(f"run written to {folder}")
 
 
@@ -495,7 +605,8 @@ def cmd_eval(args) -> None:
     print(f"test set: {len(data.test)} images of {data.name}, {data.protocol}"
           + (f"; NLL by importance sampling with k={args.num_samples}" if "nll" in results else "")
           + ("; ELBO and NLL of log p(x|y), given each test image's label" if model.conditional else ""))
-    print(_format_table([results], [k for k in results if k != "protocol"]))
+    print(_per_class_line(results))
+    print(_format_table([results], _table_columns(results, "protocol")))
 
 
 def cmd_sample(args) -> None:
@@ -559,7 +670,7 @@ def cmd_compare(args) -> None:
         trained[name] = model
         print(f"{name}: done in {seconds:.1f} s")
 
-    columns = ["model"] + sorted({k for row in rows for k in row} - {"model", "training_seconds"}) + ["training_seconds"]
+    columns = ["model"] + sorted({k for row in rows for k in _table_columns(row)} - {"model", "training_seconds"}) + ["training_seconds"]
     table = _format_table(rows, columns)
     folder.mkdir(parents=True, exist_ok=True)
     header = f"# Comparison on {data.name}: {args.epochs} epochs, latent {network.latent_dim}, {'conv' if network.conv else 'MLP ' + str(list(network.hidden))}\n\n"
@@ -579,7 +690,9 @@ USER_ERRORS = (InputError, DatasetNotFoundError, TrainingError)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.given = _given_options(argv)  # what the command line set, as opposed to defaults (a resumed run checks it)
     owned = not distributed.is_initialized()  # a process group started by a command (under torchrun) ends here
     try:
         if args.command not in DISTRIBUTED_COMMANDS and distributed.env_world_size() > 1:

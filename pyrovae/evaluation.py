@@ -9,7 +9,10 @@ The Pyro models' densities (the ELBO, the importance-sampled log-likelihood) are
 Pyro traces of the model's own ``guide`` and ``model`` (:func:`log_weights`): every sample site
 counts, with the distribution the program built. So any prior, likelihood and posterior work (a
 flow posterior is scored by its own density, never by its base Gaussian), and so does a model
-with several latent layers (the two-layer VAE's z1 and z2).
+with several latent layers (the two-layer VAE's z1 and z2). :func:`log_likelihood` takes one
+shortcut: for the common program of one latent site (pyrovae's own VAE and CVAE programs, with
+whatever prior, likelihood and posterior), it draws and scores ``z`` without tracing, encoding
+each batch once, and gets the same numbers (see :func:`_one_latent_site`).
 
 A conditional model (the CVAE, ``model.conditional``) models images given their labels: pass
 ``labels: (N,)``, one per image, and its figures are conditional on them. The ELBO and the
@@ -39,6 +42,7 @@ from torch.distributions import constraints
 from .data import ImageData
 from .errors import InputError
 from .likelihoods import check_observations
+from .models import CVAE, VAE
 from .models.base import evaluating
 from .priors import StandardNormal
 from .training import distributed
@@ -51,6 +55,8 @@ __all__ = [
     "log_likelihood",
     "reconstruction_error",
     "linear_probe",
+    "probe_predictions",
+    "per_class_accuracy",
     "mmd",
     "aggregate_posterior_samples",
     "prior_mmd",
@@ -121,14 +127,21 @@ def _is_enumerated(site) -> bool:
     return site["infer"].get("_enumerate_dim") is not None
 
 
+def _density_sites(trace) -> list[dict]:
+    """The sample sites of ``trace`` that have a density, in order: not a plate's subsample, not auxiliary."""
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site) and not site["infer"].get("is_auxiliary")
+    ]
+
+
 def _log_density(trace, observed: bool, enumerated: bool = True) -> Tensor:
     """The sum of ``log_prob`` over the sample sites of ``trace`` (observed ones too if ``observed``; enumerated ones
     unless ``enumerated`` is False), unscaled and unmasked (no KL weight, no minibatch scale): ``(..., K, B)`` under
     the plates of :func:`log_weights`, an enumerated site's values on the dims left of them."""
     total = 0.0
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
-            continue  # a plate's subsample, or an auxiliary variable: no density
+    for site in _density_sites(trace):
         if not enumerated and _is_enumerated(site):
             continue
         if observed or not site["is_observed"]:
@@ -197,6 +210,52 @@ def log_weights(model, x: Tensor, num_samples: int = 1, labels: Tensor | None = 
     return log_w.logsumexp(dim=_leading_dims(log_w)) if log_w.dim() > 2 else log_w
 
 
+def _one_latent_site(model, x: Tensor, labels: Tensor | None = None) -> bool:
+    """Whether :func:`log_weights` of ``model`` on images like ``x: (B, C, H, W)`` (and ``labels: (B,)``) is
+    ``log p(x|z) + log p(z) - log q(z|x)`` of one latent site, which :func:`_log_weight_sampler` computes without
+    tracing: ``model`` runs pyrovae's own VAE (or CVAE) program, its class overrides neither ``model`` nor
+    ``guide``, and a trace of one image finds the sites ``z`` in the guide and ``z``, ``x`` (observed) in the
+    model, nothing else. Any other program (two latent layers, a subclass's own program, a prior, likelihood
+    or posterior of the user's that samples sites of its own) is left to the traces. Draws nothing from
+    torch's global generator (the trace's draw is undone), so either way the estimates are the same.
+    """
+    program = next((cls for cls in (CVAE, VAE) if isinstance(model, cls)), None)
+    if program is None or type(model).model is not program.model or type(model).guide is not program.guide:
+        return False
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.plate("particles", 1, dim=-2):
+        kwargs = {} if labels is None else {"y": labels[:1]}
+        guide_trace = poutine.trace(model.guide).get_trace(x[:1], **kwargs)
+        model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x[:1], **kwargs)
+    guide_sites, model_sites = _density_sites(guide_trace), _density_sites(model_trace)
+    return (
+        [(site["name"], site["is_observed"]) for site in guide_sites] == [("z", False)]
+        and [(site["name"], site["is_observed"]) for site in model_sites] == [("z", False), ("x", True)]
+    )
+
+
+def _log_weight_sampler(model, x: Tensor, labels: Tensor | None, one_site: bool):
+    """A function ``k -> (k, B)``: the log-weights of :func:`log_weights` for ``k`` fresh draws for each image of
+    ``x: (B, C, H, W)`` (given ``labels: (B,)`` for a conditional model).
+
+    With ``one_site`` (:func:`_one_latent_site` said so), without traces: the images are encoded once, here,
+    and each call draws ``z = q.rsample((k,))``, ``(k, B, L)``, the very draw the traced guide makes under the
+    particles plate (one standard-normal tensor of that shape, whatever q is), and sums the same three
+    densities. Otherwise each call is :func:`log_weights`, which traces the guide (encoding again) and the model.
+    """
+    if not one_site:
+        return lambda k: log_weights(model, x, k, labels)
+    encode, decode = _networks(model)
+    q = model.posterior(*encode(x, labels))  # batch (B,), event (L,)
+    prior = model.prior()  # batch (), event (L,)
+
+    def sample(k: int) -> Tensor:
+        z = q.rsample((k,))  # (k, B, L)
+        return model.likelihood(decode(z, labels)).log_prob(x) + prior.log_prob(z) - q.log_prob(z)
+
+    return sample
+
+
 def elbo_per_example(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = None) -> Tensor:
     """The ELBO of each image, ``(N,)`` nats, with beta = 1 whatever ``vae.kl_weight`` is.
 
@@ -233,8 +292,10 @@ def test_elbo(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | None = No
 
     Returns floats ``{"elbo": ..., "bits_per_dim": ... or None}`` (see :func:`elbo_per_example`
     for the estimator; beta = 1). ``bits_per_dim`` is ``(-elbo + D * offset) / (D ln 2)``, with
-    the offset from :func:`discretization_offset`: 0 for a discrete likelihood (Bernoulli) on
-    binary images; ``ln 256`` for a density on [0, 1] images, the standard discretisation of
+    the offset from :func:`discretization_offset`: 0 for a discrete likelihood on the values it
+    has probabilities for (a Bernoulli on binary images; the discretized logistic on 8-bit images
+    ``k / 255``, where the figure is ``-ELBO / (D ln 2)``, the bound's bits per 8-bit value, with no
+    1/255 Jacobian: the [0, 1] values are the 256 bins themselves); ``ln 256`` for a density on [0, 1] images, the standard discretisation of
     8-bit data (the density of 256 bins of width 1/256), so that bits/dim of densities and of
     discrete models compare; ``None`` when neither holds (a Bernoulli on
     grey levels is a relaxation, not a likelihood).
@@ -260,7 +321,8 @@ def discretization_offset(vae, x: Tensor) -> float | None:
     """Nats per dimension to add to ``-log p(x)`` for a log-probability of discrete data, or ``None``.
 
     Decided by the support of the likelihood's distribution (``vae.likelihood(...).support``)
-    and the values of ``x``: a discrete support (Bernoulli: ``boolean``) that holds every pixel
+    and the values of ``x``: a discrete support (Bernoulli: ``boolean``; the discretized logistic:
+    :data:`~pyrovae.likelihoods.eight_bit`, the values ``k / 255``) that holds every pixel
     gives ``0.0`` (log_prob is already a log-probability); a continuous support (Normal,
     Laplace, continuous Bernoulli, a user's density) on images in [0, 1] gives ``log 256``
     (8-bit data: ``P(bin) ~= p(x) / 256`` per pixel); anything else gives ``None``.
@@ -336,10 +398,12 @@ def log_likelihood(
     For a batch of ``B`` images (``batch_size``, default 100) the samples are processed in
     chunks: one trace of guide and model with ``K_c`` particles, so ``z`` is ``(K_c, B, L)`` and
     the decoder runs on all of them at once, and a running logsumexp over the chunks (the encoder
-    runs once per chunk, on the ``B`` images). ``K_c`` is chosen from the bytes one (sample, image)
-    pair needs (:func:`_bytes_per_unit`) so that a chunk stays under ``max_memory_bytes`` (on the
-    CPU also under :data:`CPU_CHUNK_BYTES`, which is faster), whatever ``K`` is; when even one
-    sample of the whole batch does not fit, the batch is made smaller.
+    runs once per chunk, on the ``B`` images; once per batch for a program of one latent site, which
+    is scored without traces, with the same draws and densities: see :func:`_one_latent_site`).
+    ``K_c`` is chosen from the bytes one (sample, image) pair needs (:func:`_bytes_per_unit`) so
+    that a chunk stays under ``max_memory_bytes`` (on the CPU also under :data:`CPU_CHUNK_BYTES`,
+    which is faster), whatever ``K`` is; when even one sample of the whole batch does not fit, the
+    batch is made smaller.
 
     The noise comes from torch's global generator: the same seed and chunking give the same
     estimate; another chunking draws other noise (the same estimator). Runs under
@@ -381,12 +445,14 @@ def _log_likelihood(vae, x: Tensor, labels: Tensor | None, num_samples: int, bat
 
     results = []
     with torch.no_grad(), pyro.validation_enabled(False), evaluating(vae):
+        one_site = _one_latent_site(vae, x[:1].to(device), None if labels is None else labels[:1].to(device))
         for start in range(0, len(x), batch):
             xb = x[start : start + batch].to(device)  # (B, C, H, W)
             yb = None if labels is None else labels[start : start + batch].to(device)  # (B,)
+            log_weights_of = _log_weight_sampler(vae, xb, yb, one_site)
             total = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=device)
             for first in range(0, num_samples, samples_per_chunk):
-                log_w = log_weights(vae, xb, min(samples_per_chunk, num_samples - first), yb)  # (K_c, B)
+                log_w = log_weights_of(min(samples_per_chunk, num_samples - first))  # (K_c, B)
                 total = torch.logaddexp(total, torch.logsumexp(log_w.double(), dim=0))
             results.append((total - log_k).to(x.dtype))
     return torch.cat(results).to(x.device)
@@ -449,7 +515,35 @@ def linear_probe(
     batch_size: int = 1000,
     encode_with_labels: bool = False,
 ) -> float:
-    """Test accuracy, in ``[0, 1]``, of a multinomial logistic regression on the codes.
+    """Test accuracy, in ``[0, 1]``, of a multinomial logistic regression on the codes (see :func:`probe_predictions`)."""
+    predicted = probe_predictions(encode, train_x, train_y, test_x, test_y, steps, l2, batch_size, encode_with_labels)
+    return (predicted == test_y.to(predicted.device)).double().mean().item()
+
+
+def per_class_accuracy(predicted: Tensor, labels: Tensor, class_names=None) -> dict[str, float]:
+    """The accuracy of ``predicted: (N,)`` within each class of ``labels: (N,)``, keyed by the class's name
+    (``class_names[k]`` for class ``k``; ``str(k)`` without names), for the classes present, in index order."""
+    predicted, labels = predicted.cpu(), labels.cpu()
+    classes = labels.unique().tolist()
+    if class_names is not None and classes and max(classes) >= len(class_names):
+        raise InputError(f"class_names has {len(class_names)} names, not one for each class index up to {max(classes)}")
+    return {
+        (str(k) if class_names is None else str(class_names[k])): (predicted[labels == k] == k).double().mean().item() for k in classes
+    }
+
+
+def probe_predictions(
+    encode,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    steps: int = 200,
+    l2: float = 1e-3,
+    batch_size: int = 1000,
+    encode_with_labels: bool = False,
+) -> Tensor:
+    """The classes ``(N_test,)`` that a multinomial logistic regression on the codes predicts for ``test_x``.
 
     ``encode`` maps images ``(B, C, H, W)`` to codes ``(B, L)`` (``model.encode``); labels are
     int64 ``(N,)``. With ``encode_with_labels``, ``encode`` also takes each image's own label
@@ -495,8 +589,7 @@ def linear_probe(
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():
-        predicted = (test_codes @ weight + bias).argmax(1)
-    return (predicted == test_y).double().mean().item()
+        return (test_codes @ weight + bias).argmax(1)
 
 
 # --------------------------------------------------------------------------- classes and clusters
@@ -742,12 +835,14 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     """Every measure that applies to ``model``, on ``data.test`` (the probe trains on ``data.train``).
 
     All models (VAE, autoencoders, :class:`PCA`): ``"mse"``, ``"bce"`` (see
-    :func:`reconstruction_error`) and ``"probe_accuracy"`` (see :func:`linear_probe`). All but
+    :func:`reconstruction_error`), ``"probe_accuracy"`` (see :func:`linear_probe`) and
+    ``"probe_accuracy_per_class"``, the probe's accuracy on each test class, a dict keyed by the
+    class's name where the data have names (``data.class_names``), else by its index. All but
     PCA: ``"prior_mmd"``, how far the codes of the first :data:`MMD_IMAGES` test images are from
     the prior (see :func:`prior_mmd`).
     The VAEs (the Pyro models: a ``model`` and a ``guide``) also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
-    importance samples (nats per image). Values are floats (``"bce"`` may be ``None``).
+    importance samples (nats per image). Values are floats (``"bce"`` may be ``None``), but for the per-class dict.
     A model with a discrete latent (``classify``) also gets ``"accuracy"`` (M2: q(y|x)'s most probable class
     against the test labels) or ``"cluster_accuracy"`` (the mixture VAE: :func:`clustering_accuracy`); its
     ``"elbo"`` and ``"nll"`` sum the class out exactly (:func:`log_weights`).
@@ -778,7 +873,7 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
             encode = lambda images, y: model.encode(images.to(model.device), y.to(model.device))  # noqa: E731
         else:
             encode = lambda images: model.encode(images.to(model.device))  # noqa: E731
-        results["probe_accuracy"] = linear_probe(
-            encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional
-        )
+        predicted = probe_predictions(encode, data.train, data.train_labels, data.test, data.test_labels, encode_with_labels=conditional)
+        results["probe_accuracy"] = (predicted == data.test_labels.to(predicted.device)).double().mean().item()
+        results["probe_accuracy_per_class"] = per_class_accuracy(predicted, data.test_labels, getattr(data, "class_names", None))
     return results

@@ -13,10 +13,25 @@ importance sampling). A user's own likelihood is any callable doing the same (an
     VAE(config, likelihood=student)
 
 Log-probabilities are computed from logits or locations, never as ``log(sigmoid(.))``.
+
+**Decoder outputs.** A likelihood with ``P`` parameters for each observed value (the
+discretized logistic's location and scale, and mixture weights) says so with an attribute
+``outputs_per_value = P``; the models then build their decoder with
+``build_decoder(network, outputs_per_value=P)`` (:mod:`pyrovae.nets`), so it gives
+``(..., P * C, H, W)``: parameter ``p`` of channel ``c`` is channel ``p * C + c``. A likelihood
+without the attribute takes one value per observed one, ``(..., C, H, W)``. A likelihood's
+global parameters (the learned scale of :class:`NormalLikelihood`) are its own, not the decoder's.
+
+**8-bit data.** :class:`DiscretizedLogisticLikelihood` is a probability over the 256 values
+``k / 255`` of 8-bit images scaled to ``[0, 1]`` (``uint8 / 255``, as pyrovae's data loading gives
+them); its support :data:`eight_bit` holds exactly those values, so the models refuse other
+inputs, and :func:`pyrovae.evaluation.test_elbo` reports its bits per dimension without the
+discretisation offset that densities need.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pyro.distributions as dist
@@ -36,8 +51,12 @@ __all__ = [
     "ContinuousBernoulliLikelihood",
     "NormalLikelihood",
     "LaplaceLikelihood",
+    "DiscretizedLogistic",
+    "DiscretizedLogisticLikelihood",
+    "eight_bit",
     "LIKELIHOODS",
     "make_likelihood",
+    "outputs_per_value",
     "check_observations",
 ]
 
@@ -126,12 +145,196 @@ class LaplaceLikelihood(_LocationScale):
     family = dist.Laplace
 
 
+# --------------------------------------------------------------------------- 8-bit data
+
+#: the values of 8-bit data: k / (NUM_BINS - 1) for k = 0, ..., NUM_BINS - 1
+NUM_BINS = 256
+#: half the distance between two neighbouring values k / 255
+HALF_BIN = 0.5 / (NUM_BINS - 1)
+#: how far from k / 255 a value may lie, in bins, and still count as k / 255 (float32 rounding of uint8 / 255 is ~1e-5)
+BIN_TOLERANCE = 1e-3
+#: below this width of a bin, in units of the logistic's scale, log P(bin) is the density at the bin's centre
+#: times its width (the mid-bin formula, relative error about width^2 / 24 < 5e-6): there the difference of two
+#: nearly equal CDFs would lose more precision (float32) than the formula's error
+MID_BIN_WIDTH = 1e-2
+#: the smallest scale of a logistic, as the networks' scales (softplus(raw) + MIN_LOGISTIC_SCALE)
+MIN_LOGISTIC_SCALE = 1e-5
+
+
+class _EightBit(constraints.Constraint):
+    """The 256 values ``k / 255``, ``k = 0, ..., 255``: 8-bit data scaled to ``[0, 1]`` (within :data:`BIN_TOLERANCE` of a bin)."""
+
+    is_discrete = True
+    event_dim = 0
+
+    def check(self, value: Tensor) -> Tensor:
+        scaled = value * (NUM_BINS - 1)
+        return (value >= 0) & (value <= 1) & ((scaled - scaled.round()).abs() <= BIN_TOLERANCE)
+
+    def __repr__(self) -> str:
+        return "EightBit(the 256 values k/255)"
+
+
+#: the support of 8-bit images scaled to [0, 1]: the values ``k / 255``
+eight_bit = _EightBit()
+
+
+def _log1mexp(d: Tensor) -> Tensor:
+    """``log(1 - exp(d))`` for ``d <= 0``, accurate for ``d`` near 0 and far below it (Maechler, 2012)."""
+    return torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
+
+
+class DiscretizedLogistic(dist.TorchDistribution):
+    """A mixture of discretized logistics over 8-bit values (Kingma et al. 2016; Salimans et al. 2017, without
+    their coupling of the colour channels): each value is independent given its parameters.
+
+    ``loc``, ``scale`` (positive) and ``logits`` (mixture weights, unnormalised; ``None``: equal weights) are
+    ``(*batch, K, *event)``: ``K`` components (``K = 1``: one logistic per value), the component axis just before
+    the ``event_dim`` event dimensions (3 for an image ``(C, H, W)``). Values are ``k / 255``: the logistic on
+    ``[0, 1]`` is cut into the bins ``[(k - 1/2) / 255, (k + 1/2) / 255]``, and the end bins take the tails,
+    ``(-inf, 1/510]`` for 0 and ``[1 - 1/510, inf)`` for 1, so the 256 probabilities sum to one::
+
+        P(k/255) = sum_i w_i [F_i((k + 1/2) / 255) - F_i((k - 1/2) / 255)],  F_i(y) = sigmoid((y - loc_i) / scale_i)
+
+    ``log_prob`` sums ``log P`` over the event, ``(*batch)``, computed in log space from log-sigmoids:
+    the end bins as ``log F`` and ``log(1 - F)``; an inner bin as a difference of CDFs taken on the side of
+    the bin away from the location (``1 - F`` to its right), so nothing underflows in the tails; where a bin is
+    narrower than :data:`MID_BIN_WIDTH` scales, as the density at its centre times its width (Salimans et al.'s
+    fallback for a bin mass that underflows). A value is read as the nearest ``k / 255``; the support
+    :data:`eight_bit` (checked when ``validate_args``) holds only those.
+
+    ``sample`` gives values ``k / 255``; ``mean`` is ``sum_i w_i E[clip(Y_i, 0, 1)]`` for logistic ``Y_i``,
+    ``scale_i * (softplus(loc_i / scale_i) - softplus((loc_i - 1) / scale_i))``: an image in ``[0, 1]``
+    within ``1/510`` of the mean of the discrete values (the sum over the bins is the midpoint rule of its integral).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive, "logits": constraints.real}
+    has_rsample = False
+
+    def __init__(self, loc: Tensor, scale: Tensor, logits: Tensor | None = None, event_dim: int = 3, validate_args=None):
+        if logits is None:
+            logits = torch.zeros_like(loc)
+        loc, scale, logits = torch.broadcast_tensors(loc, scale, logits)
+        if loc.dim() < event_dim + 1:
+            raise InputError(f"loc, scale and logits must be (*batch, K, *event) with {event_dim} event dimensions, got {tuple(loc.shape)}")
+        self.loc, self.scale, self.logits = loc, scale, logits  # event_dim: Pyro's, len(event_shape)
+        component_axis = loc.dim() - event_dim - 1
+        super().__init__(loc.shape[:component_axis], loc.shape[component_axis + 1 :], validate_args=validate_args)
+
+    @property
+    def _component_axis(self) -> int:
+        return -self.event_dim - 1
+
+    @property
+    def support(self):
+        return constraints.independent(eight_bit, self.event_dim)
+
+    @property
+    def num_components(self) -> int:
+        return self.loc.shape[self._component_axis]
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedLogistic, _instance)
+        shape = torch.Size(batch_shape) + self.loc.shape[self._component_axis :]
+        new.loc, new.scale, new.logits = self.loc.expand(shape), self.scale.expand(shape), self.logits.expand(shape)
+        super(DiscretizedLogistic, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob_per_value(self, value: Tensor) -> Tensor:
+        """``log P(value)`` of each value, ``(*batch, *event)`` (broadcast against ``value: (..., *event)``), before the sum over the event."""
+        axis = self._component_axis
+        k = torch.round(value * (NUM_BINS - 1)).to(self.loc.dtype).unsqueeze(axis)  # (..., 1, *event): bins 0..255
+        centred = k / (NUM_BINS - 1) - self.loc  # (..., K, *event)
+        inverse_scale = self.scale.reciprocal()
+        upper, lower = (centred + HALF_BIN) * inverse_scale, (centred - HALF_BIN) * inverse_scale
+        log_cdf_upper, log_sf_lower = F.logsigmoid(upper), F.logsigmoid(-lower)  # log F(upper edge), log(1 - F(lower edge))
+        left = centred < 0  # left of the location: F(upper) - F(lower); right of it: (1 - F(lower)) - (1 - F(upper))
+        larger = torch.where(left, log_cdf_upper, log_sf_lower)
+        smaller = torch.where(left, F.logsigmoid(lower), F.logsigmoid(-upper))
+        inner = larger + _log1mexp((smaller - larger).clamp(max=-1e-20))  # < 0: finite gradients where not used
+        mid = centred * inverse_scale
+        mid_bin = mid - 2 * F.softplus(mid) - torch.log(self.scale) - math.log(NUM_BINS - 1)  # log(density at the centre * width)
+        inner = torch.where(inverse_scale / (NUM_BINS - 1) < MID_BIN_WIDTH, mid_bin, inner)
+        log_p = torch.where(k == 0, log_cdf_upper, torch.where(k == NUM_BINS - 1, log_sf_lower, inner))
+        return torch.logsumexp(F.log_softmax(self.logits, axis) + log_p, dim=axis)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_p = self.log_prob_per_value(value)
+        return log_p.flatten(-self.event_dim).sum(-1) if self.event_dim else log_p
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        axis = self._component_axis
+        with torch.no_grad():
+            component = dist.Categorical(logits=self.logits.movedim(axis, -1)).sample(sample_shape).unsqueeze(axis)  # (*shape with 1 at axis)
+            loc = self.loc.expand(*sample_shape, *self.loc.shape).gather(axis, component).squeeze(axis)
+            scale = self.scale.expand(*sample_shape, *self.scale.shape).gather(axis, component).squeeze(axis)
+            eps = torch.finfo(loc.dtype).eps
+            u = torch.rand(shape, dtype=loc.dtype, device=loc.device).clamp(eps, 1 - eps)
+            logistic = loc + scale * (torch.log(u) - torch.log1p(-u))
+            return (logistic * (NUM_BINS - 1)).round().clamp(0, NUM_BINS - 1) / (NUM_BINS - 1)
+
+    @property
+    def mean(self) -> Tensor:
+        axis = self._component_axis
+        clipped = self.scale * (F.softplus(self.loc / self.scale) - F.softplus((self.loc - 1) / self.scale))
+        return (F.softmax(self.logits, axis) * clipped).sum(axis)
+
+
+class DiscretizedLogisticLikelihood(nn.Module):
+    """8-bit pixels ``k / 255`` (see :class:`DiscretizedLogistic`): a logistic per value (``components=1``), or a
+    mixture of ``components`` logistics per value, with every parameter from the decoder.
+
+    The decoder gives ``(..., P * C, H, W)`` with ``P = outputs_per_value``: for each channel the locations
+    (on the ``[0, 1]`` scale), then the raw scales (``softplus(raw) + 1e-5``), then, for a mixture, the mixture
+    logits, ``K`` of each. Data must be ``uint8 / 255`` (:data:`eight_bit`): other values are refused.
+    """
+
+    support = eight_bit
+
+    def __init__(self, components: int = 1):
+        super().__init__()
+        if isinstance(components, bool) or not isinstance(components, int) or components <= 0:
+            raise InputError(f"components must be a positive integer, got {components!r}")
+        self.components = components
+
+    @property
+    def outputs_per_value(self) -> int:
+        """Decoder outputs per observed value: location and scale of each component, and its weight in a mixture."""
+        return 2 if self.components == 1 else 3 * self.components
+
+    def forward(self, out: Tensor) -> DiscretizedLogistic:
+        per_value, k = self.outputs_per_value, self.components
+        if out.dim() < IMAGE_DIMS or out.shape[-IMAGE_DIMS] % per_value:
+            raise InputError(
+                f"a discretized logistic with {k} component(s) takes {per_value} decoder channels per image channel, got decoder output "
+                f"{tuple(out.shape)}; build the decoder with build_decoder(network, outputs_per_value={per_value})"
+            )
+        params = out.unflatten(-IMAGE_DIMS, (per_value, out.shape[-IMAGE_DIMS] // per_value))  # (..., P, C, H, W)
+        loc, raw_scale = params[..., :k, :, :, :], params[..., k : 2 * k, :, :, :]
+        logits = params[..., 2 * k :, :, :, :] if k > 1 else None
+        return DiscretizedLogistic(loc, F.softplus(raw_scale) + MIN_LOGISTIC_SCALE, logits, event_dim=IMAGE_DIMS)
+
+
+#: the mixture's components in the registry's ``"discretized_logistic_mixture"`` (Salimans et al. used 5 to 10)
+MIXTURE_COMPONENTS = 5
+
 LIKELIHOODS = {
     "bernoulli": BernoulliLikelihood,
     "continuous_bernoulli": ContinuousBernoulliLikelihood,
     "normal": NormalLikelihood,
     "laplace": LaplaceLikelihood,
+    "discretized_logistic": DiscretizedLogisticLikelihood,
+    "discretized_logistic_mixture": functools.partial(DiscretizedLogisticLikelihood, components=MIXTURE_COMPONENTS),
 }
+
+
+def outputs_per_value(likelihood) -> int:
+    """How many decoder outputs ``likelihood`` takes per observed value: its ``outputs_per_value``, else 1."""
+    return getattr(likelihood, "outputs_per_value", 1)
 
 
 def make_likelihood(name: str) -> nn.Module:

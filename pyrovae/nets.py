@@ -6,10 +6,17 @@ Images are batches of shape ``(B, C, H, W)``; latent codes are ``(B, L)``.
   ``gaussian=True`` (the VAE guide), to the ``loc`` and ``scale`` of a diagonal
   Gaussian, each ``(B, L)``; with ``context_dim=C`` as well, to ``(loc, scale, h)`` with a
   context vector ``h: (B, C)`` for a flow posterior (see :mod:`pyrovae.posteriors`).
-* A decoder maps ``z: (B, L)`` to one unconstrained value per pixel,
+* A decoder maps ``z: (B, L)`` to one unconstrained value per pixel and channel,
   ``(B, C, H, W)``: logits for a Bernoulli, the mean for a Normal, ... The
-  likelihood (see :mod:`pyrovae.likelihoods`) decides what it means. Extra leading
+  likelihood (see :mod:`pyrovae.likelihoods`) decides what it means. A likelihood that
+  needs ``P`` values for each observed one (a location and a scale, say) gets a decoder
+  built with ``outputs_per_value=P``: ``(B, P * C, H, W)``. Extra leading
   dimensions pass through: ``(K, B, L) -> (K, B, C, H, W)``.
+
+The conv networks take any image whose sides are multiples of ``2 ** depth`` (see
+:func:`conv_depth`: by default the sides must be multiples of 4), with any number of channels;
+each stride-2 layer halves the sides and doubles the channels (32, 64, 128, then 256 at most),
+so the decoder gives back exactly ``(C, H, W)``.
 
 Scales are ``softplus(raw) + 1e-5``: positive for every finite input, smooth, and
 free of the overflow that ``exp`` brings for large ``raw``.
@@ -36,6 +43,7 @@ __all__ = [
     "JointMLP",
     "build_encoder",
     "build_decoder",
+    "conv_depth",
     "ACTIVATIONS",
 ]
 
@@ -43,7 +51,13 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Si
 MIN_SCALE = 1e-5
 #: how fully connected tanh layers may start (see :func:`_linear_layers`)
 TANH_INITS = ("glorot", "pytorch")
-CONV_SHAPES = ((1, 28, 28), (3, 32, 32))
+#: channels after the first stride-2 convolution; each further one doubles them, up to MAX_CONV_CHANNELS
+CONV_CHANNELS = 32
+MAX_CONV_CHANNELS = 256
+#: the default depth halves the sides while the last feature map keeps at least this many pixels on its shorter side
+MIN_FEATURE_SIDE = 8
+#: the default depth is never below this: sides that are multiples of 4 are what conv networks need by default
+MIN_CONV_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,10 @@ class NetworkConfig:
     latent_dim:  size ``L`` of the code.
     hidden:      widths of the MLP's hidden layers from the image side, mirrored in the decoder;
                  ``(400,)`` gives 784-400-L-400-784 on MNIST. Ignored when ``conv``.
-    conv:        convolutional networks instead (for ``(1, 28, 28)`` and ``(3, 32, 32)`` images).
+    conv:        convolutional networks instead, for images whose sides are multiples of ``2 ** conv_depth``
+                 (multiples of 4 by default), square or not, with any number of channels.
+    conv_depth:  stride-2 layers of the conv networks; ``None`` follows from the size (:func:`conv_depth`:
+                 2 for 28x28 and 32x32, 3 for 64x64, 4 for 128x128). Only with ``conv``.
     activation:  one of :data:`ACTIVATIONS`.
     tanh_init:   how fully connected tanh layers start, one of :data:`TANH_INITS`: ``"glorot"``, Glorot and
                  Bengio's uniform initialization (see :func:`_linear_layers`), or ``"pytorch"``, PyTorch's
@@ -70,6 +87,7 @@ class NetworkConfig:
     activation: str = "relu"
     dropout: float = 0.0
     tanh_init: str = "glorot"
+    conv_depth: int | None = None
 
     def __post_init__(self):
         shape, hidden = tuple(self.input_shape), tuple(self.hidden)
@@ -86,8 +104,42 @@ class NetworkConfig:
         _check_tanh_init(self.tanh_init)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
-        if self.conv and shape not in CONV_SHAPES:
-            raise InputError(f"conv networks are built for images of shape {CONV_SHAPES}, got {shape}; use the MLP")
+        if self.conv_depth is not None:
+            if not self.conv:
+                raise InputError(f"conv_depth={self.conv_depth!r} sets the depth of conv networks; set conv=True or leave conv_depth unset")
+            if isinstance(self.conv_depth, bool) or not isinstance(self.conv_depth, int) or self.conv_depth <= 0:
+                raise InputError(f"conv_depth must be a positive integer or None, got {self.conv_depth!r}")
+        if self.conv:
+            conv_depth(shape, self.conv_depth)  # refuses sizes the conv networks cannot halve
+
+
+def conv_depth(input_shape, depth: int | None = None) -> int:
+    """The number of stride-2 layers of the conv networks for images ``input_shape = (C, H, W)``.
+
+    ``depth`` given: that depth, if ``H`` and ``W`` are multiples of ``2 ** depth``. ``None``: the deepest
+    stack of at least :data:`MIN_CONV_DEPTH` layers whose last feature map keeps at least
+    :data:`MIN_FEATURE_SIDE` pixels on its shorter side (or the minimum, for small images), with
+    sides that halve exactly: 2 for 28x28 (to 7x7) and 32x32 (to 8x8), 3 for 64x64, 4 for
+    128x128, 3 for 64x96. Raises :class:`~pyrovae.errors.InputError` for sides that are not multiples of 4
+    (of ``2 ** depth`` when given).
+    """
+    _, h, w = input_shape
+    if depth is not None:
+        if h % 2**depth or w % 2**depth:
+            raise InputError(f"conv networks of depth {depth} need image sides that are multiples of {2**depth}, got {h}x{w}; use the MLP or another conv_depth")
+        return depth
+    if h % 2**MIN_CONV_DEPTH or w % 2**MIN_CONV_DEPTH:
+        raise InputError(f"conv networks need image sides that are multiples of 4, got {h}x{w}; use the MLP (conv=False)")
+    depth = MIN_CONV_DEPTH
+    while h % 2 ** (depth + 1) == 0 and w % 2 ** (depth + 1) == 0 and min(h, w) // 2 ** (depth + 1) >= MIN_FEATURE_SIDE:
+        depth += 1
+    return depth
+
+
+def _conv_widths(depth: int, channels: int) -> list[int]:
+    """Channels after each of ``depth`` stride-2 layers from the image side: ``channels`` (32), doubling with each
+    layer, at most :data:`MAX_CONV_CHANNELS` (or ``channels`` if that is more)."""
+    return [min(channels * 2**i, max(channels, MAX_CONV_CHANNELS)) for i in range(depth)]
 
 
 def _dropout(p: float) -> nn.Module:
@@ -247,26 +299,29 @@ class JointMLP(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions and a linear head: ``(B, C, 28|32, 28|32) -> (B, L)`` (or loc, scale[, h]
-    as :class:`MLPEncoder`).
+    """``depth`` stride-2 convolutions (kernel 4, padding 1: each halves the sides) and a linear head:
+    ``(B, C, H, W) -> (B, L)`` (or loc, scale[, h] as :class:`MLPEncoder`), for sides that are multiples of
+    ``2 ** depth``; ``depth=None`` follows from the size (:func:`conv_depth`).
 
     ``dropout`` follows each convolution's activation."""
 
     def __init__(
-        self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = 32, dropout: float = 0.0, context_dim: int = 0
+        self, input_shape, latent_dim: int, activation: str = "relu", gaussian: bool = False, channels: int = CONV_CHANNELS,
+        dropout: float = 0.0, context_dim: int = 0, depth: int | None = None,
     ):
         super().__init__()
         c, h, w = input_shape
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         self.gaussian = gaussian
+        depth = conv_depth(self.input_shape, depth)
+        widths = _conv_widths(depth, channels)
         act = ACTIVATIONS[activation]
-        self.features = nn.Sequential(
-            nn.Conv2d(c, channels, 4, stride=2, padding=1), act(), _dropout(dropout),
-            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), act(), _dropout(dropout),
-            nn.Flatten(),
-        )
-        flat = 2 * channels * (h // 4) * (w // 4)
+        layers: list[nn.Module] = []
+        for before, after in zip([c, *widths], widths):
+            layers += [nn.Conv2d(before, after, 4, stride=2, padding=1), act(), _dropout(dropout)]
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        flat = widths[-1] * (h // 2**depth) * (w // 2**depth)
         self.head = nn.Linear(flat, _head_size(latent_dim, gaussian, context_dim))
 
     def forward(self, x: Tensor):
@@ -275,20 +330,26 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of :class:`ConvEncoder`: ``(..., L) -> (..., C, 28|32, 28|32)`` of unconstrained outputs."""
+    """Mirror of :class:`ConvEncoder`: ``(..., L) -> (..., C, H, W)`` of unconstrained outputs, exactly the
+    ``output_shape`` asked for (a linear layer to the smallest feature map, then ``depth`` transposed
+    convolutions, each doubling the sides)."""
 
-    def __init__(self, latent_dim: int, output_shape, activation: str = "relu", channels: int = 32, dropout: float = 0.0):
+    def __init__(
+        self, latent_dim: int, output_shape, activation: str = "relu", channels: int = CONV_CHANNELS, dropout: float = 0.0, depth: int | None = None
+    ):
         super().__init__()
         c, h, w = output_shape
         self.output_shape = tuple(output_shape)
         self.latent_dim = latent_dim
+        depth = conv_depth(self.output_shape, depth)
+        widths = _conv_widths(depth, channels)[::-1]  # from the code's side
+        h0, w0 = h // 2**depth, w // 2**depth
         act = ACTIVATIONS[activation]
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim, 2 * channels * (h // 4) * (w // 4)), act(), _dropout(dropout),
-            nn.Unflatten(-1, (2 * channels, h // 4, w // 4)),
-            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), act(), _dropout(dropout),
-            nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1),
-        )
+        layers: list[nn.Module] = [nn.Linear(latent_dim, widths[0] * h0 * w0), act(), _dropout(dropout), nn.Unflatten(-1, (widths[0], h0, w0))]
+        for before, after in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(before, after, 4, stride=2, padding=1), act(), _dropout(dropout)]
+        layers.append(nn.ConvTranspose2d(widths[-1], c, 4, stride=2, padding=1))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
         out = self.net(z.reshape(-1, self.latent_dim))  # convolutions take one batch dimension
@@ -299,17 +360,26 @@ def build_encoder(config: NetworkConfig, gaussian: bool = False, context_dim: in
     """The encoder that ``config`` describes; ``gaussian=True`` for a VAE guide, with ``context_dim``
     further outputs, the context ``h``, for a flow posterior."""
     if config.conv:
-        return ConvEncoder(config.input_shape, config.latent_dim, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim)
+        return ConvEncoder(
+            config.input_shape, config.latent_dim, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim,
+            depth=config.conv_depth,
+        )
     return MLPEncoder(
         config.input_shape, config.latent_dim, config.hidden, config.activation, gaussian=gaussian, dropout=config.dropout, context_dim=context_dim,
         tanh_init=config.tanh_init,
     )
 
 
-def build_decoder(config: NetworkConfig) -> nn.Module:
-    """The decoder that ``config`` describes, mirroring :func:`build_encoder`."""
+def build_decoder(config: NetworkConfig, outputs_per_value: int = 1) -> nn.Module:
+    """The decoder that ``config`` describes, mirroring :func:`build_encoder`: ``(..., L) -> (..., C, H, W)``, or
+    ``(..., P * C, H, W)`` with ``outputs_per_value=P`` (for a likelihood with ``P`` parameters per observed value,
+    see :mod:`pyrovae.likelihoods`)."""
+    if isinstance(outputs_per_value, bool) or not isinstance(outputs_per_value, int) or outputs_per_value <= 0:
+        raise InputError(f"outputs_per_value must be a positive integer, got {outputs_per_value!r}")
+    c, h, w = config.input_shape
+    output_shape = (outputs_per_value * c, h, w)
     if config.conv:
-        return ConvDecoder(config.latent_dim, config.input_shape, config.activation, dropout=config.dropout)
+        return ConvDecoder(config.latent_dim, output_shape, config.activation, dropout=config.dropout, depth=config.conv_depth)
     return MLPDecoder(
-        config.latent_dim, config.input_shape, tuple(reversed(config.hidden)), config.activation, dropout=config.dropout, tanh_init=config.tanh_init
+        config.latent_dim, output_shape, tuple(reversed(config.hidden)), config.activation, dropout=config.dropout, tanh_init=config.tanh_init
     )

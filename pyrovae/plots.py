@@ -7,14 +7,17 @@ Every function returns a :class:`matplotlib.figure.Figure` drawn on an Agg canva
 with ``pyplot``, so nothing global changes and nothing needs closing: a figure is freed when the
 caller drops it (in a notebook, display it by leaving it as a cell's value).
 
-Images are ``(B, C, H, W)`` with values in ``[0, 1]`` and 1 (grey levels) or 3 (RGB) channels;
+Images are ``(B, C, H, W)`` with values in ``[0, 1]`` and 1 (grey levels), 3 (RGB, drawn in colour) or 4 (RGBA)
+channels, at any size;
 a model is anything with ``encode: (B, C, H, W) -> (B, L)``, ``decode: (B, L) -> (B, C, H, W)``
 and ``reconstruct`` (the VAE, the autoencoders, :class:`~pyrovae.evaluation.PCA`), and
 ``sample(n)`` where it can sample. A conditional model (the CVAE: ``encode(x, y)``,
 ``decode(z, y)``, ``reconstruct(x, y)``, ``sample(n, y)``) is given the images' ``labels: (N,)``
 wherever it encodes or reconstructs, and draws one row per class in :func:`class_samples`.
 Models draw in eval mode (dropout off) and are left in the mode they were in. Grids come from
-:func:`torchvision.utils.make_grid`.
+:func:`torchvision.utils.make_grid`. Figures that label classes (:func:`latent_scatter`,
+:func:`class_samples`) take ``class_names``, the name of class ``k`` at index ``k`` (an image
+folder's sub-folders, torchvision's ``classes``), and show the index without it.
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ def _device(model, fallback: torch.device) -> torch.device:
 
 
 def _check_images(x: Tensor, what: str = "x") -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3):
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3, 4):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise InputError(f"{what} must be images (B, C, H, W) with 1 or 3 channels, got {shape}")
+        raise InputError(f"{what} must be images (B, C, H, W) with 1, 3 or 4 channels, got {shape}")
     if len(x) == 0:
         raise InputError(f"{what} holds no images")
 
@@ -81,7 +84,7 @@ def _check_images(x: Tensor, what: str = "x") -> None:
 def _show_grid(ax, images: Tensor, ncol: int, row_labels=None, col_labels=None) -> None:
     """Draw ``images: (B, C, H, W)`` as a grid of ``ncol`` columns on ``ax``, labelling rows and columns."""
     images = images.detach().float().cpu().clamp(0, 1)
-    grid = make_grid(images, nrow=ncol, padding=PADDING, pad_value=PAD_VALUE)  # (3, H', W'), grey repeated
+    grid = make_grid(images, nrow=ncol, padding=PADDING, pad_value=PAD_VALUE)  # (3 or 4, H', W'), grey repeated
     if images.shape[1] == 1:
         ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
@@ -92,6 +95,17 @@ def _show_grid(ax, images: Tensor, ncol: int, row_labels=None, col_labels=None) 
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+
+
+def _class_names(class_names, classes) -> list[str]:
+    """The names of the class indices ``classes``: ``class_names[k]`` for class ``k``, or ``str(k)`` without names."""
+    classes = [int(k) for k in classes]
+    if class_names is None:
+        return [str(k) for k in classes]
+    class_names = list(class_names)
+    if classes and (min(classes) < 0 or max(classes) >= len(class_names)):
+        raise InputError(f"class_names has {len(class_names)} names, not one for each class index {min(classes)}..{max(classes)}")
+    return [str(class_names[k]) for k in classes]
 
 
 def _given(model, labels, n: int) -> tuple:
@@ -156,9 +170,9 @@ def samples(vae, n: int = 64, path=None) -> Figure:
     return _finish(figure, path)
 
 
-def class_samples(model, n: int = 10, path=None) -> Figure:
+def class_samples(model, n: int = 10, path=None, class_names=None) -> Figure:
     """A conditional model's samples, one row per class: ``n`` images ``model.sample(n, k)`` (decoded draws
-    from the prior, given the class) in row ``k`` for ``k = 0, ..., K - 1``."""
+    from the prior, given the class) in row ``k`` for ``k = 0, ..., K - 1``, labelled ``class_names[k]`` (or ``k``)."""
     if not getattr(model, "conditional", False):
         raise InputError(f"a {_name(model)} is not conditional: it has no classes to sample from; use samples")
     if n <= 0:
@@ -169,7 +183,7 @@ def class_samples(model, n: int = 10, path=None) -> Figure:
         images = model.sample(len(labels), labels)  # (K * n, C, H, W), row after row
     figure = _figure(CELL_INCHES * n + 0.8, CELL_INCHES * classes + 0.6)
     ax = figure.add_subplot()
-    _show_grid(ax, images, ncol=n, row_labels=[str(k) for k in range(classes)])
+    _show_grid(ax, images, ncol=n, row_labels=_class_names(class_names, range(classes)))
     ax.set_ylabel("class")
     ax.set_title(f"{_name(model)}: samples of each class")
     return _finish(figure, path)
@@ -219,20 +233,21 @@ def interpolations(model, x, steps: int = 10, pairs: int = 8, path=None) -> Figu
     return _finish(figure, path)
 
 
-def latent_scatter(model, x: Tensor, labels: Tensor, path=None, prior_samples: Tensor | None = None) -> Figure:
-    """The codes of ``x: (N, C, H, W)`` as a 2-D scatter coloured by ``labels: (N,)``.
+def latent_scatter(model, x: Tensor, labels: Tensor, path=None, prior_samples: Tensor | None = None, class_names=None) -> Figure:
+    """The codes of ``x: (N, C, H, W)`` as a 2-D scatter coloured by ``labels: (N,)``, the legend naming class ``k``
+    ``class_names[k]`` (or ``k``).
 
     Two-dimensional codes are drawn as they are; longer codes are projected on their first two
     principal components (the axes say how much of the codes' variance each keeps); a conditional
-    model encodes each image given its label (the codes of q(z|x, y)). Up to 20
-    classes get a legend, more a colour bar. ``prior_samples: (M, L)``, draws from the prior, are
-    drawn underneath in grey (and then the projection is the prior samples' principal components),
+    model encodes each image given its label (the codes of q(z|x, y)). Up to 20 classes get a
+    legend of their names, more a colour bar of their indices. ``prior_samples: (M, L)``, draws from the prior, are drawn underneath in grey (and then the projection is the prior samples' principal components),
     to show how closely the codes follow the prior.
     """
     _check_images(x)
     labels = torch.as_tensor(labels).cpu()
     if labels.shape != (len(x),):
         raise InputError(f"labels must be one per image, shape ({len(x)},), got {tuple(labels.shape)}")
+    names = _class_names(class_names, labels.unique().tolist())  # the classes in order, as np.unique gives them below
     codes = _encode(model, x, labels=labels)
     latent_dim = codes.shape[1]
     if latent_dim < 2:
@@ -264,7 +279,7 @@ def latent_scatter(model, x: Tensor, labels: Tensor, path=None, prior_samples: T
         index = np.searchsorted(classes, values)  # 0..K-1: one colour per class
         scatter = ax.scatter(points[:, 0], points[:, 1], c=index, cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5, s=6, alpha=0.7, linewidths=0)
         handles, _ = scatter.legend_elements(num=list(range(len(classes))), alpha=1.0)
-        ax.legend(handles, [str(c) for c in classes], title="label", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.legend(handles, names, title="class", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     else:
         scatter = ax.scatter(points[:, 0], points[:, 1], c=values, cmap="viridis", s=6, alpha=0.7, linewidths=0)
         figure.colorbar(scatter, ax=ax, label="label")

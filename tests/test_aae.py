@@ -165,3 +165,21 @@ def test_an_interrupted_aae_run_resumes_bit_for_bit(tmp_path, mnist, monkeypatch
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert [row["train_loss"] for row in history] == [row["train_loss"] for row in expected]
     assert isinstance(build_model("aae"), AAE)
+
+
+def test_the_training_lr_reaches_every_phase_unless_the_config_sets_the_phases_own(mnist):
+    rates = []
+    step = AAE.training_step
+
+    def spy(self, x, update, progress):  # the rate of each optimizer the Trainer built, at each step
+        rates.append({group: opt.param_groups[0]["lr"] for group, opt in update.optimizers.items()})
+        return step(self, x, update, progress)
+
+    AAE.training_step = spy
+    try:
+        Trainer(make(), config(epochs=1, lr=1e-6)).fit(mnist.train[:64])
+        assert rates[-1] == {"reconstruction": 1e-6, "discriminator": 1e-6, "generator": 1e-6}
+        Trainer(make(discriminator_lr=5e-4), config(epochs=1, lr=1e-6)).fit(mnist.train[:64])
+        assert rates[-1] == {"reconstruction": 1e-6, "discriminator": 5e-4, "generator": 1e-6}
+    finally:
+        AAE.training_step = step

@@ -14,6 +14,7 @@ import torch
 
 from pyrovae import cli
 from pyrovae.cli import build_parser, main
+from pyrovae.errors import InputError
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.models import MODELS
 from pyrovae.models.autoencoders import AE
@@ -73,6 +74,15 @@ def test_each_model_gets_its_own_default_code_size():
     assert cli._network_config(args, (1, 28, 28)).latent_dim == 50  # compare: one network for every model
 
 
+def test_conv_networks_take_the_images_size_and_an_optional_depth():
+    args = build_parser().parse_args(["train", "--conv"])
+    assert cli._network_config(args, (3, 64, 48)).conv_depth is None  # follows from the size
+    args = build_parser().parse_args(["train", "--conv", "--conv-depth", "3"])
+    assert cli._network_config(args, (3, 64, 64)).conv_depth == 3
+    with pytest.raises(InputError, match="multiples of 4, got 30x30"):
+        cli._network_config(build_parser().parse_args(["train", "--conv"]), (1, 30, 30))
+
+
 def test_help_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["train", "--help"])
@@ -99,8 +109,10 @@ def test_eval_reports_an_nll_tighter_than_the_elbo_and_its_protocol(vae_run, cap
     assert results["nll"] < -results["elbo"]  # importance sampling tightens the bound
     assert 0 <= results["probe_accuracy"] <= 1
     assert results["nll_samples"] == 50 and results["test_images"] == 300
+    assert len(results["probe_accuracy_per_class"]) == 10 and all(0 <= v <= 1 for v in results["probe_accuracy_per_class"].values())
     out = capsys.readouterr().out
     assert "grey levels" in out and "k=50" in out
+    assert "probe accuracy per class: " in out and "{" not in out  # a line of its own, not a dict in the table
 
 
 def test_eval_of_a_binarized_run_says_so(tmp_path, data_dir, capsys):
@@ -262,6 +274,9 @@ def test_argparse_refuses_unknown_names(argv, words, tmp_path, capsys):
         (["train", "--model", "aae", "--prior", "vamp"], "VampPrior"),
         (["train", "--flow-layers", "0", "--posterior", "iaf"], "flow_layers"),
         (["train", "--elbo", "iwae", "--num-particles", "5", "--beta", "2"], "beta"),
+        (["train", "--model", "vae2", "--elbo", "meanfield"], "meanfield"),
+        (["train", "--model", "ae", "--kl-warmup", "2"], "takes no --kl-warmup"),
+        (["train", "--model", "vae", "--discriminator-lr", "1e-4"], "takes no --discriminator-lr"),
         (["compare", "--patience", "2"], "--val-size"),
     ],
 )
@@ -334,3 +349,81 @@ def test_flows_the_vamp_prior_and_two_layers_train_and_evaluate(options, tmp_pat
     assert main(["eval", str(folder), "--num-samples", "10"]) == 0
     results = json.loads((folder / "eval.json").read_text())
     assert 0 < results["nll"] < -results["elbo"] + 5
+
+
+def test_model_options_reach_the_models_config(tmp_path, data_dir):
+    folder = tmp_path / "run"
+    assert main(["train", "--kl-warmup", "3", "--beta", "0.5", "--out", str(folder), *data_dir, *SMALL, "--eval-images", "0"]) == 0
+    config = json.loads((folder / "config.json").read_text())["model_config"]
+    assert (config["kl_warmup_epochs"], config["beta"]) == (3, 0.5)
+
+
+def test_lr_reaches_the_aae_and_its_phases_can_take_their_own(tmp_path, data_dir):
+    folder = tmp_path / "aae"
+    assert main(["train", "--model", "aae", "--lr", "1e-4", "--out", str(folder), *data_dir, *SMALL, "--eval-images", "0"]) == 0
+    assert [row["lr"] for row in json.loads((folder / "metrics.json").read_text())] == [1e-4]
+    folder = tmp_path / "aae-own"
+    assert main(["train", "--model", "aae", "--lr", "1e-4", "--discriminator-lr", "5e-4", "--out", str(folder), *data_dir, *SMALL,
+                 "--eval-images", "0"]) == 0
+    config = json.loads((folder / "config.json").read_text())["model_config"]
+    assert (config["reconstruction_lr"], config["discriminator_lr"], config["generator_lr"]) == (None, 5e-4, None)
+
+
+def test_resume_with_more_epochs_extends_the_run_bit_for_bit(tmp_path, data_dir, capsys):
+    argv = ["train", "--model", "ae", *data_dir, *SMALL, "--batch-size", "50", "--eval-images", "0"]
+    assert main([*argv, "--epochs", "3", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*argv, "--epochs", "2", "--out", str(tmp_path / "short")]) == 0
+    assert main(["train", "--resume", "--out", str(tmp_path / "short"), "--epochs", "3", "--no-progress"]) == 0
+    history = json.loads((tmp_path / "short" / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    whole, longer = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model_state"] for name in ("whole", "short"))
+    assert all(torch.equal(whole[k], longer[k]) for k in whole)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["training_config"]["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--lr", "0.5"], "--lr 0.5"),
+        (["--model", "vae"], "--model vae"),
+        (["--subset", "200"], "--subset 200"),
+        (["--hidden", "32"], "--hidden"),
+        (["--binarize", "dynamic"], "--binarize dynamic"),
+        (["--eval-images", "10"], "--eval-images 10"),
+        (["--epochs", "3"], "cosine"),
+        (["--epochs", "0"], "only extend"),
+    ],
+)
+def test_resume_refuses_options_that_contradict_the_run(options, words, tmp_path, data_dir, capsys):
+    folder = tmp_path / "run"
+    assert main(["train", "--model", "ae", "--lr-schedule", "cosine", "--out", str(folder), *data_dir, *SMALL, "--epochs", "2",
+                 "--eval-images", "0"]) == 0
+    capsys.readouterr()
+    before = (folder / "metrics.json").read_text()
+    assert main(["train", "--resume", "--out", str(folder), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pyrovae: error:") and len(err.splitlines()) == 1 and words in err, err
+    assert (folder / "metrics.json").read_text() == before
+    # the run's own values are no contradiction
+    assert main(["train", "--resume", "--out", str(folder), "--model", "ae", "--lr", "0.001", "--subset", "300", "--epochs", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_help_says_what_resume_does_with_epochs(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "with --resume, more epochs than the run's extend it" in text
+    assert "cosine or iwae" in text and "any other option must match the saved run" in text
+
+
+def test_tables_print_fixed_decimals(vae_run, capsys):
+    row = {"model": "vae", "nll": 122.0, "elbo": -107.004, "bits_per_dim": 0.2, "probe_accuracy": 0.9, "training_seconds": 3.14159, "test_images": 300}
+    assert cli._format_table([row], list(row)).splitlines()[-1] == "| vae | 122.00 | -107.00 | 0.200 | 0.900 | 3.14 | 300 |"
+    assert main(["eval", str(vae_run), "--num-samples", "20", "--device", "cpu"]) == 0
+    header, _, values = capsys.readouterr().out.splitlines()[-3:]
+    cells = dict(zip(header.strip("| ").split(" | "), values.strip("| ").split(" | ")))
+    results = json.loads((vae_run / "eval.json").read_text())
+    for name, decimals in (("nll", 2), ("elbo", 2), ("probe_accuracy", 3), ("mse", 2)):
+        assert cells[name] == f"{results[name]:.{decimals}f}", name
+    assert results["nll"] != round(results["nll"], 2)  # eval.json keeps full precision

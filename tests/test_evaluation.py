@@ -6,13 +6,15 @@ diagonal Gaussian that the VAE's guide can represent.
 """
 
 import math
+from types import SimpleNamespace
 
+import pyro
 import pytest
 import torch
 from torch import nn
 from torch.distributions import Normal
 
-from pyrovae import AE, VAE, AEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, iaf_posterior
+from pyrovae import AE, CVAE, VAE, AEConfig, CVAEConfig, HierarchicalVAE, HierarchicalVAEConfig, NetworkConfig, NormalLikelihood, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig, VampPrior, evaluation, iaf_posterior
 from pyrovae.data import ImageData
 from pyrovae.errors import InputError
 from pyrovae.models import MODELS, build_model
@@ -26,6 +28,7 @@ from pyrovae.evaluation import (
     linear_probe,
     log_likelihood,
     mmd,
+    per_class_accuracy,
     prior_mmd,
     reconstruction_error,
     test_elbo,
@@ -125,7 +128,7 @@ def test_chunking_changes_the_noise_not_the_estimator(observations):
         torch.manual_seed(3)
         vae.decoder.calls = 0
         estimates.append(log_likelihood(vae, observations, num_samples=2000, batch_size=4, max_memory_bytes=budget))
-        calls.append(vae.decoder.calls - 2)  # two calls measure the memory one sample needs
+        calls.append(vae.decoder.calls - 3)  # two calls measure the memory one sample needs, one finds the program's sites
     assert calls[0] > calls[1] > calls[2] == len(observations) // 4  # the budgets really chunk differently
     for estimate in estimates:
         assert (estimate - exact).abs().max() < 0.05  # Monte Carlo error about 0.01 nats
@@ -188,6 +191,29 @@ def test_a_uniform_density_on_8_bit_pixels_costs_eight_bits():
     result = test_elbo(coin_vae("continuous_bernoulli"), grey)
     assert result["elbo"] == pytest.approx(0.0, abs=1e-4)
     assert result["bits_per_dim"] == pytest.approx(8.0, abs=1e-4)
+
+
+class ConstantDiscretizedLogistic(nn.Module):
+    """z -> the decoder output of a discretized logistic with location 0.4 and scale 0.1 at every value."""
+
+    def forward(self, z):
+        loc = torch.full((*z.shape[:-1], *SHAPE), 0.4)
+        return torch.cat([loc, torch.full_like(loc, math.log(math.expm1(0.1 - 1e-5)))], dim=-3)
+
+
+def test_bits_per_dim_of_the_discretized_logistic_are_its_nats_per_value_over_ln_2():
+    """p(x|z) does not depend on z and q(z|x) is the prior, so the ELBO is log P(x) exactly, computed here by hand."""
+    levels = torch.randint(0, 256, (40, *SHAPE))
+    x = levels / 255
+    config = VAEConfig(network=NetworkConfig(input_shape=SHAPE, latent_dim=2), likelihood="discretized_logistic")
+    vae = VAE(config, encoder=PriorEncoder(), decoder=ConstantDiscretizedLogistic())
+    cdf = lambda k: torch.sigmoid(((k.double() / 255) - 0.4) / 0.1)  # noqa: E731
+    upper = torch.where(levels == 255, torch.ones(()).double(), cdf(levels + 0.5))
+    lower = torch.where(levels == 0, torch.zeros(()).double(), cdf(levels - 0.5))
+    log_p = (upper - lower).log().flatten(1).sum(1).mean().item()
+    result = test_elbo(vae, x)
+    assert result["elbo"] == pytest.approx(log_p, rel=1e-5)
+    assert result["bits_per_dim"] == pytest.approx(-log_p / (6 * math.log(2)), rel=1e-5)
 
 
 def test_bits_per_dimension_only_where_they_mean_something(observations):
@@ -263,6 +289,28 @@ def test_linear_probe_separates_separable_codes():
         linear_probe(encode, train_x, train_y[:10], test_x, test_y)
 
 
+def test_the_probe_reports_its_accuracy_on_each_class_by_name():
+    """Class 0 always recognised, class 1 half the time, class 2 never; the names are the data's."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 0, 1, 0, 1, 2, 0, 1, 0])
+    names = ["cat", "dog", "frog"]
+    assert per_class_accuracy(predicted, labels, names) == {"cat": 1.0, "dog": 0.5, "frog": 0.0}
+    assert per_class_accuracy(predicted, labels) == {"0": 1.0, "1": 0.5, "2": 0.0}
+    with pytest.raises(InputError, match="class_names has 2 names"):
+        per_class_accuracy(predicted, labels, names[:2])
+
+
+def test_evaluate_keys_the_probes_accuracy_per_class_by_the_datas_class_names():
+    data = _tiny_data()
+    named = SimpleNamespace(**vars(data), class_names=["dark", "light"])  # the data of an image folder with two sub-folders
+    pca = PCA(3).fit(data.train)
+    results = evaluate(pca, named)
+    per_class = results["probe_accuracy_per_class"]
+    assert list(per_class) == ["dark", "light"]
+    counts = torch.bincount(data.test_labels).double()
+    assert sum(per_class[name] * counts[k].item() for k, name in enumerate(["dark", "light"])) / len(data.test) == pytest.approx(results["probe_accuracy"])
+
+
 def test_pca_reconstructs_data_in_its_subspace_exactly():
     generator = torch.Generator().manual_seed(0)
     basis = torch.randn(3, 12, generator=generator)
@@ -300,13 +348,14 @@ def test_evaluate_reports_what_applies_to_each_model():
     torch.manual_seed(0)
     vae = VAE(VAEConfig(network=network)).eval()
     results = evaluate(vae, data, num_samples=20)
-    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "prior_mmd", "probe_accuracy"}
+    assert set(results) == {"elbo", "bits_per_dim", "nll", "mse", "bce", "prior_mmd", "probe_accuracy", "probe_accuracy_per_class"}
     assert results.pop("bits_per_dim") is None  # a Bernoulli on grey levels has no bits/dim
+    assert set(results.pop("probe_accuracy_per_class")) == {"0", "1"}  # no class names: the indices
     assert all(isinstance(v, float) for v in results.values())
     assert results["nll"] < -results["elbo"] + 1.0  # the 20-sample bound is at least about as tight
     assert "nll" not in evaluate(vae, data, num_samples=0)
-    assert set(evaluate(AE(AEConfig(network=network)), data)) == {"mse", "bce", "prior_mmd", "probe_accuracy"}
-    assert set(evaluate(PCA(3).fit(data.train), data)) == {"mse", "bce", "probe_accuracy"}
+    assert set(evaluate(AE(AEConfig(network=network)), data)) == {"mse", "bce", "prior_mmd", "probe_accuracy", "probe_accuracy_per_class"}
+    assert set(evaluate(PCA(3).fit(data.train), data)) == {"mse", "bce", "probe_accuracy", "probe_accuracy_per_class"}
 
 
 def test_evaluation_turns_dropout_off_and_restores_the_mode():
@@ -495,3 +544,95 @@ def test_the_nll_of_the_two_layer_vae_weighs_the_joint_latent(observations):
     assert (estimate - exact).abs().mean() < 0.05
     torch.manual_seed(0)
     assert elbo_per_example(vae, observations.repeat(200, 1, 1, 1)).reshape(200, -1).mean(0).mean() < exact.mean() - 0.01
+
+
+# --------------------------------------------------------------------------- the one-latent-site shortcut of log_likelihood
+
+TINY = NetworkConfig(hidden=(32,), latent_dim=4)
+
+
+class HyperPrior(nn.Module):
+    """p(z | s) = N(0, s^2 I) with a scale s ~ LogNormal(0, 0.1) that is a sample site of its own."""
+
+    def forward(self):
+        s = pyro.sample("prior_scale", pyro.distributions.LogNormal(0.0, 0.1)).unsqueeze(-1)
+        return pyro.distributions.Normal(torch.zeros(TINY.latent_dim), s).to_event(1)
+
+
+class OwnProgramVAE(VAE):
+    """A subclass with a program of its own (here the VAE's, plus a factor): not the program the shortcut knows."""
+
+    def model(self, x=None, num_data=None, batch_size=1):
+        out = super().model(x, num_data, batch_size)
+        pyro.factor("bonus", torch.zeros(()))
+        return out
+
+
+def _binary_images(n=12):
+    return (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+
+
+def _nll_models():
+    torch.manual_seed(0)
+    return {
+        "gaussian": (VAE(VAEConfig(network=TINY)), None),
+        "iaf": (VAE(VAEConfig(network=TINY, posterior="iaf")), None),
+        "vamp": (VAE(VAEConfig(network=TINY, prior="vamp", num_pseudo_inputs=5)), None),
+        "cvae": (CVAE(CVAEConfig(network=TINY)), torch.arange(12) % 10),
+    }
+
+
+@pytest.mark.parametrize("name", ["gaussian", "iaf", "vamp", "cvae"])
+def test_the_one_site_shortcut_gives_the_traced_estimates(name, monkeypatch):
+    model, labels = _nll_models()[name]
+    model.eval()
+    x = _binary_images()
+    assert evaluation._one_latent_site(model, x, labels)  # the shortcut applies to this program
+    torch.manual_seed(1)
+    shortcut = log_likelihood(model, x, num_samples=300, batch_size=5, max_memory_bytes=2**20, labels=labels)
+    monkeypatch.setattr(evaluation, "_one_latent_site", lambda *args: False)  # the traced path, on the same draws
+    torch.manual_seed(1)
+    traced = log_likelihood(model, x, num_samples=300, batch_size=5, max_memory_bytes=2**20, labels=labels)
+    torch.testing.assert_close(shortcut, traced, rtol=0, atol=1e-5)
+
+
+def _counting_log_weights(monkeypatch) -> list:
+    calls = []
+    traced = evaluation.log_weights
+
+    def counting(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("num_samples", 1))
+        return traced(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "log_weights", counting)
+    return calls
+
+
+def test_programs_the_shortcut_does_not_know_are_traced(monkeypatch):
+    torch.manual_seed(0)
+    x = _binary_images(6)
+    covered = VAE(VAEConfig(network=TINY))
+    others = {
+        "two layers": TwoLayerVAE(TwoLayerVAEConfig(network=TINY, top_latent_dim=2)),
+        "the hierarchical VAE": HierarchicalVAE(HierarchicalVAEConfig(network=TINY, top_latent_dim=2, num_pseudo_inputs=3)),
+        "a subclass's own program": OwnProgramVAE(VAEConfig(network=TINY)),
+        "a prior with a site of its own": VAE(VAEConfig(network=TINY), prior=HyperPrior()),
+    }
+    calls = _counting_log_weights(monkeypatch)
+    log_likelihood(covered, x, num_samples=40, batch_size=3, max_memory_bytes=2**30)
+    assert calls == [1, 2]  # only the memory measurement traces; the samples are drawn without traces
+    for name, model in others.items():
+        assert not evaluation._one_latent_site(model, x), name
+        calls.clear()
+        estimate = log_likelihood(model, x, num_samples=40, batch_size=3, max_memory_bytes=2**30)
+        assert calls == [1, 2, 40, 40], name  # every batch's samples come from the traces
+        assert torch.isfinite(estimate).all(), name
+
+
+def test_the_shortcut_is_decided_without_drawing_from_the_global_generator():
+    model, _ = _nll_models()["gaussian"]
+    torch.manual_seed(4)
+    evaluation._one_latent_site(model.eval(), _binary_images(2))
+    after = torch.rand(3)
+    torch.manual_seed(4)
+    assert torch.equal(after, torch.rand(3))

@@ -66,6 +66,16 @@ def test_the_decoder_reads_both_latents_and_q_z1_reads_the_image_and_z2():
         assert not torch.allclose(vae.bottom_encoder(x.flatten(1), z2)[0], vae.bottom_encoder(1 - x.flatten(1), z2)[0])
 
 
+def test_a_colour_hierarchical_vae_with_the_discretized_logistic_gets_its_decoder_outputs():
+    config = HierarchicalVAEConfig(network=NetworkConfig(input_shape=(3, 8, 8), latent_dim=4, hidden=(16,)), top_latent_dim=2,
+                                   prior="normal", likelihood="discretized_logistic_mixture")
+    vae = HierarchicalVAE(config)
+    assert vae.decoder(torch.zeros(2, 4), torch.zeros(2, 2)).shape == (2, 15 * 3, 8, 8)  # 5 components: location, scale, weight
+    x = torch.randint(0, 256, (4, 3, 8, 8)) / 255
+    assert math.isfinite(Trace_ELBO().loss(vae.model, vae.guide, x))
+    assert vae.sample(2).shape == (2, 3, 8, 8)
+
+
 def test_the_vampprior_on_z2_is_the_mixture_of_the_guides_q_z2_at_the_pseudo_inputs():
     vae = small()
     with torch.no_grad():  # as training moves the encoder of q(z2|x), the prior moves with it: one network, not a copy

@@ -4,7 +4,19 @@ import pytest
 import torch
 
 from pyrovae.errors import InputError
-from pyrovae.nets import ACTIVATIONS, ConvDecoder, ConvEncoder, GaussianMLP, JointMLP, MLPDecoder, MLPEncoder, NetworkConfig, build_decoder, build_encoder
+from pyrovae.nets import (
+    ACTIVATIONS,
+    ConvDecoder,
+    ConvEncoder,
+    GaussianMLP,
+    JointMLP,
+    MLPDecoder,
+    MLPEncoder,
+    NetworkConfig,
+    build_decoder,
+    build_encoder,
+    conv_depth,
+)
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 KINDS = [False, True]  # conv?
@@ -156,12 +168,93 @@ def test_config_normalises_lists_to_tuples():
         (dict(input_shape=(1, 0, 28)), r"input_shape must be \(C, H, W\)"),
         (dict(hidden=(64, 0)), "hidden widths must be positive integers"),
         (dict(activation="swish"), "unknown activation 'swish'"),
-        (dict(conv=True, input_shape=(1, 20, 20)), "conv networks are built for images of shape"),
+        (dict(conv=True, input_shape=(1, 30, 30)), r"conv networks need image sides that are multiples of 4, got 30x30"),
+        (dict(conv=True, input_shape=(3, 64, 50)), r"multiples of 4, got 64x50"),
+        (dict(conv=True, input_shape=(3, 64, 64), conv_depth=7), r"of depth 7 need image sides that are multiples of 128, got 64x64"),
+        (dict(conv=True, conv_depth=0), "conv_depth must be a positive integer"),
+        (dict(conv=True, conv_depth=2.0), "conv_depth must be a positive integer"),
+        (dict(conv_depth=2), "set conv=True"),
     ],
 )
 def test_bad_config_values(changes, message):
     with pytest.raises(ValueError, match=message):
         NetworkConfig(**changes)
+
+
+# --------------------------------------------------------------------------- conv networks at any size
+
+#: (C, H, W), the depth that follows from the size
+SIZES = [
+    ((1, 28, 28), 2),
+    ((3, 32, 32), 2),
+    ((4, 32, 32), 2),
+    ((3, 64, 64), 3),
+    ((1, 128, 128), 4),
+    ((3, 48, 64), 2),  # 48 / 8 = 6 would be narrower than 8 pixels
+    ((3, 64, 96), 3),
+    ((4, 128, 64), 3),
+    ((1, 4, 4), 2),
+    ((3, 12, 20), 2),
+]
+
+
+@pytest.mark.parametrize("shape, depth", SIZES, ids=["x".join(map(str, s)) for s, _ in SIZES])
+def test_conv_networks_build_for_any_size_and_the_decoder_gives_back_exactly_the_input_shape(shape, depth):
+    cfg = NetworkConfig(input_shape=shape, latent_dim=5, conv=True)
+    assert conv_depth(shape) == depth
+    encoder, decoder = build_encoder(cfg, gaussian=True, context_dim=2), build_decoder(cfg)
+    strided = [m for m in encoder.features if isinstance(m, torch.nn.Conv2d)]
+    assert len(strided) == depth and strided[0].in_channels == shape[0]
+    x = torch.rand(3, *shape)
+    loc, scale, context = encoder(x)
+    assert loc.shape == scale.shape == (3, 5) and context.shape == (3, 2)
+    out = decoder(loc)
+    assert out.shape == x.shape
+    assert decoder(torch.randn(2, 3, 5)).shape == (2, 3, *shape)  # leading dimensions pass through
+    assert build_decoder(cfg, outputs_per_value=3)(loc).shape == (3, 3 * shape[0], *shape[1:])  # P values per observed one
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_conv_depth_given_in_the_config_overrides_the_size(depth):
+    cfg = NetworkConfig(input_shape=(3, 32, 32), latent_dim=4, conv=True, conv_depth=depth)
+    encoder, decoder = build_encoder(cfg), build_decoder(cfg)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in encoder.features) == depth
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in decoder.net) == depth
+    assert decoder(encoder(torch.rand(2, 3, 32, 32))).shape == (2, 3, 32, 32)
+
+
+def test_the_28_and_32_pixel_conv_networks_are_the_two_layer_networks_they_always_were():
+    """Committed checkpoints and results rely on them: 32 and 64 channels, kernel 4, stride 2, the same parameter names."""
+    for shape, flat in [((1, 28, 28), 64 * 7 * 7), ((3, 32, 32), 64 * 8 * 8)]:
+        cfg = NetworkConfig(input_shape=shape, latent_dim=6, conv=True)
+        encoder, decoder = build_encoder(cfg, gaussian=True), build_decoder(cfg)
+        assert {k: tuple(v.shape) for k, v in encoder.state_dict().items()} == {
+            "features.0.weight": (32, shape[0], 4, 4), "features.0.bias": (32,),
+            "features.3.weight": (64, 32, 4, 4), "features.3.bias": (64,),
+            "head.weight": (12, flat), "head.bias": (12,),
+        }
+        assert {k: tuple(v.shape) for k, v in decoder.state_dict().items()} == {
+            "net.0.weight": (flat, 6), "net.0.bias": (flat,),
+            "net.4.weight": (64, 32, 4, 4), "net.4.bias": (32,),
+            "net.7.weight": (32, shape[0], 4, 4), "net.7.bias": (shape[0],),
+        }
+
+
+def test_deeper_conv_networks_double_the_channels_up_to_256():
+    encoder = build_encoder(NetworkConfig(input_shape=(3, 256, 256), latent_dim=4, conv=True))
+    assert [m.out_channels for m in encoder.features if isinstance(m, torch.nn.Conv2d)] == [32, 64, 128, 256, 256]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64), (4, 30, 50), (2, 7, 9)])
+def test_the_mlp_works_on_any_size(shape):
+    cfg = NetworkConfig(input_shape=shape, latent_dim=3, hidden=(16,))
+    out = build_decoder(cfg)(build_encoder(cfg)(torch.rand(2, *shape)))
+    assert out.shape == (2, *shape)
+
+
+def test_outputs_per_value_must_be_a_positive_integer():
+    with pytest.raises(InputError, match="outputs_per_value must be a positive integer"):
+        build_decoder(NetworkConfig(), outputs_per_value=0)
 
 
 # --------------------------------------------------------------------------- dropout

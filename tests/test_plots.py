@@ -114,13 +114,59 @@ def test_comparison_with_and_without_samples(models, mnist, tmp_path):
     assert len(plots.comparison({"pca": pca}, mnist.test, n=3).axes) == 1
 
 
-def test_colour_images(tmp_path):
-    pca = PCA(4).fit(torch.rand(30, 3, 8, 8))
-    figure = plots.reconstructions(pca, torch.rand(4, 3, 8, 8), path=tmp_path / "rgb.png")
+def grid_cell(figure, row: int, col: int, height: int, width: int, axes: int = 0) -> torch.Tensor:
+    """The image in row ``row``, column ``col`` of a figure's grid, as drawn: ``(height, width, 3)`` for colour."""
+    grid = torch.as_tensor(figure.axes[axes].images[0].get_array().data)
+    top, left = plots.PADDING + row * (height + plots.PADDING), plots.PADDING + col * (width + plots.PADDING)
+    return grid[top : top + height, left : left + width]
+
+
+def test_colour_images_are_drawn_in_colour(tmp_path):
+    """A red, a green and a blue image keep their colours in the reconstructions; and the model's own colour
+    reconstructions, samples and interpolations are drawn channel by channel as the model gives them."""
+    colours = torch.eye(3).view(3, 3, 1, 1).expand(3, 3, 8, 12).clone()  # red, green, blue, 8x12 (not square)
+    vae = VAE(VAEConfig(network=tiny_network(input_shape=(3, 8, 12), conv=True), likelihood="discretized_logistic")).eval()
+    figure = plots.reconstructions(vae, colours, path=tmp_path / "rgb.png")
     assert_png(figure, tmp_path / "rgb.png")
-    assert figure.axes[0].get_images()[0].get_array().shape[-1] == 3  # drawn in colour, not through a colormap
-    with pytest.raises(ValueError, match="channels"):
-        plots.reconstructions(pca, torch.rand(4, 2, 8, 8))
+    for k in range(3):
+        cell = grid_cell(figure, 0, k, 8, 12)
+        assert cell.shape == (8, 12, 3)  # drawn in colour, not through a colormap
+        torch.testing.assert_close(cell, colours[k].permute(1, 2, 0))  # red stays red: (1, 0, 0) at every pixel
+        torch.testing.assert_close(grid_cell(figure, 1, k, 8, 12), vae.reconstruct(colours)[k].permute(1, 2, 0))
+    torch.manual_seed(0)
+    figure = plots.samples(vae, n=4, path=tmp_path / "s.png")
+    torch.manual_seed(0)
+    drawn = vae.sample(4)
+    assert not torch.allclose(drawn[:, 0], drawn[:, 1])  # the channels differ: a grey picture would not show it
+    torch.testing.assert_close(grid_cell(figure, 0, 1, 8, 12), drawn[1].permute(1, 2, 0))
+    figure = plots.interpolations(vae, (colours[:1], colours[2:]), steps=3, path=tmp_path / "i.png")
+    torch.testing.assert_close(grid_cell(figure, 0, 0, 8, 12), colours[0].permute(1, 2, 0))  # A: red
+    torch.testing.assert_close(grid_cell(figure, 0, 4, 8, 12), colours[2].permute(1, 2, 0))  # B: blue
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        plots.reconstructions(vae, torch.rand(4, 2, 8, 12))
+
+
+def test_grey_images_are_drawn_through_a_grey_colormap(models, images):
+    image = plots.reconstructions(models["vae"], images[:2]).axes[0].images[0]
+    assert image.get_array().ndim == 2 and image.get_cmap().name == "gray"
+
+
+def test_class_names_label_the_latent_scatter_and_the_cvae_rows(models, mnist, tmp_path):
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    x, labels = mnist.test[:200], mnist.test_labels[:200]
+    figure = plots.latent_scatter(models["vae"], x, labels, class_names=names, path=tmp_path / "latent.png")
+    legend = figure.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [names[k] for k in sorted(set(labels.tolist()))]
+    assert legend.get_title().get_text() == "class"
+    cvae = CVAE(CVAEConfig(network=tiny_network(), num_classes=3)).eval()
+    figure = plots.class_samples(cvae, n=2, class_names=["T-shirt/top", "Trouser", "Pullover"], path=tmp_path / "rows.png")
+    assert_png(figure, tmp_path / "rows.png")
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["T-shirt/top", "Trouser", "Pullover"]
+    assert [t.get_text() for t in plots.class_samples(cvae, n=2).axes[0].get_yticklabels()] == ["0", "1", "2"]  # no names: indices
+    with pytest.raises(ValueError, match="class_names has 2 names, not one for each class index 0..2"):
+        plots.class_samples(cvae, n=2, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="class_names has 3 names"):
+        plots.latent_scatter(models["vae"], x, labels, class_names=names[:3])
 
 
 def test_figures_draw_in_eval_mode_and_leave_the_mode_alone(mnist, tmp_path):

@@ -21,8 +21,8 @@ from pyrovae.checkpoints import load_checkpoint
 from pyrovae.data import batches
 from pyrovae.errors import InputError
 from pyrovae.models import (
-    AE, VAE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, VAEConfig,
-    config_from_dict, config_to_dict,
+    AE, MODELS, VAE, AEConfig, DenoisingAE, DenoisingAEConfig, SparseAE, SparseAEConfig, StackedAE, StackedAEConfig, VAEConfig,
+    build_model, config_from_dict, config_to_dict,
 )
 from pyrovae.training import HISTORY_COLUMNS, StagedDecay, Trainer, TrainingConfig, TrainingError, load_model
 
@@ -604,7 +604,7 @@ def staged_rates(lr, stage_epochs):
     "epochs, stage_epochs",
     [
         (3280, [3**i for i in range(8)]),  # the paper's: 1 + 3 + 9 + ... + 2187 epochs
-        (16, [0, 0, 0, 0, 1, 1, 3, 11]),  # compressed: stage i ends at round(16 * (3^(i+1) - 1) / 2 / 3280)
+        (16, [1, 1, 1, 1, 1, 1, 1, 9]),  # compressed: every stage at least one epoch, the rest in the last
     ],
 )
 def test_iwae_schedule_and_optimizer_eps_reach_the_optimizer(tmp_path, epochs, stage_epochs):
@@ -624,3 +624,98 @@ def test_iwae_schedule_and_optimizer_eps_reach_the_optimizer(tmp_path, epochs, s
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     resumed = Trainer.resume(tmp_path, device="cpu")
     assert resumed.config.optimizer_eps == 1e-4 and state["training_config"]["lr_schedule"] == "iwae"
+
+
+# ---------------------------------------------------------------------- the learning rate, and longer runs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_models_optimizers_take_the_training_lr(name, mnist):
+    """No model's parameter groups keep their own rate unless its config sets one (the AAE's: None by default)."""
+    torch.manual_seed(0)
+    model = build_model(name, MODELS[name][1](network=tiny_network()))
+    seen = {}
+    step = type(model).training_step
+
+    def spy(self, x, update, progress, **given):  # the rates of the optimizers the Trainer built, at the first step
+        seen.setdefault("rates", {group: [g["lr"] for g in opt.param_groups] for group, opt in update.optimizers.items()})
+        return step(self, x, update, progress, **given)
+
+    type(model).training_step = spy
+    try:
+        labels = {"train_labels": mnist.train_labels[:64]} if model.conditional else {}
+        Trainer(model, config(epochs=1, lr=3e-5)).fit(mnist.train[:64], **labels)
+    finally:
+        type(model).training_step = step
+    assert seen["rates"] and all(rates == [3e-5] * len(rates) for rates in seen["rates"].values()), seen
+
+
+def test_every_stage_of_the_iwae_schedule_gets_an_epoch():
+    """The first epoch runs at the configured lr; with 8 epochs or more every stage runs; with fewer, the first ones, an epoch each."""
+    for epochs in [*range(1, 40), 80, 110, 600, 750, 1000, 1640, 1641, 3280]:
+        decay = StagedDecay(epochs)
+        ends = decay.stage_ends()
+        lengths = [end - start for start, end in zip([0, *ends], ends)]
+        assert ends[-1] == epochs and all(length >= 0 for length in lengths), epochs
+        if epochs >= StagedDecay.STAGES:
+            assert all(length >= 1 for length in lengths), (epochs, ends)
+        else:
+            assert lengths == [1] * epochs + [0] * (StagedDecay.STAGES - epochs), (epochs, ends)
+        assert decay(0) == 1.0, epochs
+    assert [StagedDecay(10)(epoch) for epoch in range(10)] == pytest.approx([10 ** (-s / 7) for s in (0, 1, 2, 3, 4, 5, 6, 7, 7, 7)])
+
+
+def test_resume_with_more_epochs_continues_as_the_longer_run(tmp_path, train, val):
+    """A finished run of 2 epochs, resumed with epochs=3, ends where a run of 3 epochs ends, bit for bit."""
+    reference = vae()
+    longer = Trainer(reference, config(epochs=3, lr_schedule="step", lr_step_epochs=2)).fit(train, val=val)
+    Trainer(vae(), config(epochs=2, lr_schedule="step", lr_step_epochs=2), out_dir=tmp_path).fit(train, val=val)
+    resumed = Trainer.resume(tmp_path, device="cpu", epochs=3)
+    history = resumed.fit(train, val=val)
+    assert_same_weights(resumed.model, reference)
+    assert without_seconds(history) == without_seconds(longer)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["training_config"]["epochs"] == 3
+    assert json.loads((tmp_path / "config.json").read_text())["training_config"]["epochs"] == 3
+    assert Trainer.resume(tmp_path, device="cpu", epochs=3).fit(train, val=val) == history  # finished: nothing more
+
+
+@pytest.mark.parametrize(
+    "options, epochs, words",
+    [
+        (dict(lr_schedule="cosine"), 3, "cosine"),
+        (dict(lr_schedule="iwae"), 3, "iwae"),
+        ({}, 1, "only extend"),
+    ],
+)
+def test_resume_refuses_epochs_it_cannot_honour(tmp_path, train, options, epochs, words):
+    Trainer(vae(), config(epochs=2, **options), out_dir=tmp_path).fit(train)
+    with pytest.raises(InputError, match=words):
+        Trainer.resume(tmp_path, device="cpu", epochs=epochs)
+
+
+def test_resume_refuses_to_extend_a_run_that_stopped_early(tmp_path, train, val):
+    class NeverBetter(AE):
+        def validation_loss(self, x):
+            return torch.tensor(1.0)
+
+    Trainer(NeverBetter(AEConfig(network=tiny_network())), config(epochs=5, early_stopping_patience=1), out_dir=tmp_path, model_name="ae").fit(train, val=val)
+    with pytest.raises(InputError, match="stopped early"):
+        Trainer.resume(tmp_path, device="cpu", epochs=8)
+    # patience ran out at the last epoch: a longer run would have stopped there
+    Trainer(NeverBetter(AEConfig(network=tiny_network())), config(epochs=2, early_stopping_patience=1), out_dir=tmp_path / "b", model_name="ae").fit(train, val=val)
+    with pytest.raises(InputError, match="would have stopped there"):
+        Trainer.resume(tmp_path / "b", device="cpu", epochs=4)
+
+
+@pytest.mark.parametrize("make, epochs", [(vae, 0), (lambda: StackedAE(StackedAEConfig(network=tiny_network(hidden=(32, 16)), pretrain_epochs=1)), 0),
+                                          (lambda: StackedAE(StackedAEConfig(network=tiny_network(hidden=(32, 16)), pretrain_epochs=1)), 1)])
+def test_resume_with_more_epochs_starts_the_phases_a_shorter_run_had_not_reached(tmp_path, train, make, epochs):
+    """A run that ended before its end-to-end phase (0 epochs of it), extended, starts that phase as the longer run did."""
+    torch.manual_seed(0)
+    reference = make()
+    longer = Trainer(reference, config(epochs=2)).fit(train)
+    torch.manual_seed(0)
+    Trainer(make(), config(epochs=epochs), out_dir=tmp_path).fit(train)
+    resumed = Trainer.resume(tmp_path, device="cpu", epochs=2)
+    assert without_seconds(resumed.fit(train)) == without_seconds(longer)
+    assert_same_weights(resumed.model, reference)

@@ -48,6 +48,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor
 
 from ..errors import InputError
+from ..likelihoods import make_likelihood, outputs_per_value
 from ..nets import ConvEncoder, MLPEncoder, NetworkConfig, build_decoder
 from ..posteriors import make_posterior, point_estimate
 from .base import AutoencoderMixin, Progress, Update
@@ -103,7 +104,7 @@ def _conditional_encoder(config: CVAEConfig, context_dim: int):
     options = dict(gaussian=True, dropout=net.dropout, context_dim=context_dim)
     if net.conv:
         c, h, w = net.input_shape
-        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, **options)
+        return ConvEncoder((c + k, h, w), net.latent_dim, net.activation, depth=net.conv_depth, **options)
     return MLPEncoder((math.prod(net.input_shape) + k,), net.latent_dim, net.hidden, net.activation, tanh_init=net.tanh_init, **options)
 
 
@@ -114,7 +115,8 @@ class CVAE(AutoencoderMixin, PyroModule):
     ``prior``, ``likelihood``, ``encoder`` and ``decoder`` default to what ``config`` names; pass
     your own to replace them. The encoder takes :meth:`encoder_input` and returns ``(loc, scale)``,
     each ``(B, L)``; the decoder takes :meth:`decoder_input`, ``(..., L + K)``, and returns
-    ``(..., C, H, W)``. ``name`` prefixes the names of its parameters in Pyro's param store.
+    ``(..., C, H, W)`` (``(..., P * C, H, W)`` for a likelihood with ``outputs_per_value = P``). ``name`` prefixes
+    the names of its parameters in Pyro's param store.
     """
 
     #: training steps and validation losses take the batch's labels ``y`` (see :mod:`pyrovae.models.base`)
@@ -132,7 +134,9 @@ class CVAE(AutoencoderMixin, PyroModule):
         net = config.network
         self.posterior = posterior if posterior is not None else make_posterior(config.posterior, net.latent_dim, config.flow_layers)
         self.encoder = encoder if encoder is not None else _conditional_encoder(config, getattr(self.posterior, "context_dim", 0))
-        self.decoder = decoder if decoder is not None else build_decoder(dataclasses.replace(net, latent_dim=net.latent_dim + config.num_classes))
+        likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        widened = dataclasses.replace(net, latent_dim=net.latent_dim + config.num_classes)
+        self.decoder = decoder if decoder is not None else build_decoder(widened, outputs_per_value(likelihood))
         _set_prior_likelihood_objective(self, config, prior, likelihood, net.latent_dim)
         with torch.no_grad():
             z, y = torch.zeros(2, self.latent_dim, device=self.device), torch.zeros(2, dtype=torch.int64, device=self.device)

@@ -48,6 +48,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor
 
 from ..errors import InputError
+from ..likelihoods import make_likelihood, outputs_per_value
 from ..nets import GaussianMLP, JointMLP, NetworkConfig, build_encoder
 from .base import AutoencoderMixin, Progress, Update
 from .vae import (
@@ -92,6 +93,11 @@ class HierarchicalVAEConfig(VAEConfig):
             raise InputError("the hierarchical VAE's joint networks need at least one hidden layer (network.hidden)")
         if self.posterior != "gaussian":
             raise InputError(f"the hierarchical VAE's q(z2|x) and q(z1|x, z2) are diagonal Gaussians; posterior={self.posterior!r} is not offered")
+        if self.elbo == "meanfield":
+            raise InputError(
+                "the hierarchical VAE takes elbo='trace' or 'iwae', not 'meanfield': TraceMeanField_ELBO integrates z1's KL as if "
+                "z1 and z2 were independent in the guide, but q(z1|x, z2) depends on z2, so it would train another objective"
+            )
 
 
 class HierarchicalVAE(AutoencoderMixin, PyroModule):
@@ -124,7 +130,10 @@ class HierarchicalVAE(AutoencoderMixin, PyroModule):
         self.encoder = encoder if encoder is not None else build_encoder(replace(net, latent_dim=l2), gaussian=True)
         self.bottom_encoder = bottom_encoder if bottom_encoder is not None else JointMLP((d, l2), (l1,), hidden, gaussian=True, **options)
         self.top_decoder = top_decoder if top_decoder is not None else GaussianMLP(l2, l1, tuple(reversed(hidden)), **options)
-        self.decoder = decoder if decoder is not None else JointMLP((l1, l2), net.input_shape, tuple(reversed(hidden)), **options)
+        likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        c, h, w = net.input_shape
+        output_shape = (outputs_per_value(likelihood) * c, h, w)  # P values per pixel for a likelihood with P parameters
+        self.decoder = decoder if decoder is not None else JointMLP((l1, l2), output_shape, tuple(reversed(hidden)), **options)
         _set_prior_likelihood_objective(self, config, prior, likelihood, l2)
         with torch.no_grad():
             _check_likelihood(self.likelihood, self.decoder(torch.zeros(2, self.latent_dim, device=self.device)), self.input_shape)

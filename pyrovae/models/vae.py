@@ -66,7 +66,7 @@ from pyro.poutine.util import is_validation_enabled, prune_subsample_sites
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..likelihoods import LIKELIHOODS, make_likelihood
+from ..likelihoods import LIKELIHOODS, make_likelihood, outputs_per_value
 from ..nets import NetworkConfig, build_decoder, build_encoder
 from ..posteriors import POSTERIORS, make_posterior, point_estimate
 from ..priors import PRIORS, check_prior, make_prior
@@ -106,6 +106,22 @@ class VAEConfig:
 
     The IWAE bound is a log-mean-exp over particles of whole log-weights; a weight on the KL part
     inside it would change the bound itself, so ``elbo="iwae"`` needs ``beta=1`` and no warm-up.
+
+    Which ELBOs each model takes (``elbo=``; every prior, posterior and likelihood alike)::
+
+        model                          trace   meanfield   iwae
+        vae   (VAE, any prior incl.     yes     yes         yes
+              VampPrior; Gaussian,
+              IAF or planar posterior)
+        cvae  (CVAE, likewise)          yes     yes         yes
+        vae2  (TwoLayerVAE)             yes     refused     yes
+        hvae  (HierarchicalVAE)         yes     refused     yes
+
+    TraceMeanField_ELBO replaces a site's ``log q - log p`` by ``KL(q || p)`` where torch knows it
+    (a Gaussian q against the normal prior) and keeps the Monte Carlo term where it does not (flows,
+    the other priors, the VampPrior): both estimate the ELBO when the guide has one latent site, as the
+    VAE's and the CVAE's have. The two-layer VAE's q(z2|z1) depends on z1 (the hierarchical VAE's q(z1|x, z2)
+    on z2), so there it would estimate another objective (see :class:`~pyrovae.models.two_layer.TwoLayerVAEConfig`).
     """
 
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -347,7 +363,8 @@ class VAE(AutoencoderMixin, PyroModule):
     ``prior``, ``likelihood``, ``posterior``, ``encoder`` and ``decoder`` default to what ``config`` names;
     pass your own to replace them (see :mod:`pyrovae.priors`, :mod:`pyrovae.likelihoods` and :mod:`pyrovae.posteriors`).
     The encoder must return ``(loc, scale)``, each ``(B, L)`` (and a context ``(B, C)`` after them for a flow
-    posterior); the decoder ``(..., L) -> (..., C, H, W)``.
+    posterior); the decoder ``(..., L) -> (..., C, H, W)``, or ``(..., P * C, H, W)`` for a likelihood with
+    ``outputs_per_value = P`` (see :mod:`pyrovae.likelihoods`).
     ``name`` prefixes the names of its parameters in Pyro's param store (see the module docs).
     """
 
@@ -364,7 +381,8 @@ class VAE(AutoencoderMixin, PyroModule):
         self.posterior = posterior if posterior is not None else make_posterior(config.posterior, net.latent_dim, config.flow_layers)
         context_dim = getattr(self.posterior, "context_dim", 0)
         self.encoder = encoder if encoder is not None else build_encoder(net, gaussian=True, context_dim=context_dim)
-        self.decoder = decoder if decoder is not None else build_decoder(net)
+        likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        self.decoder = decoder if decoder is not None else build_decoder(net, outputs_per_value(likelihood))
         _set_prior_likelihood_objective(self, config, prior, likelihood, self.prior_dim)
         with torch.no_grad():
             _check_posterior(self.posterior, self.encoder(torch.zeros(2, *self.input_shape, device=self.device)), self.latent_dim)

@@ -42,7 +42,7 @@ class TrainingConfig:
                      each batch (contiguous shards of ``batch_size // W`` or one more images), so a run
                      sees the same batches, and its gradients are those of the same batch means,
                      whatever ``W`` is (see :mod:`pyrovae.training.trainer`).
-    lr:              learning rate (a model's parameter group may set its own).
+    lr:              learning rate of every parameter group (a model's config may set a group's own: the AAE's per-phase rates).
     optimizer:       an :data:`OPTIMIZERS` name, any case (``"adam"``, ``"AdamW"``, ``"sgd"``, ...).
     weight_decay:    the optimizer's weight decay (L2 for Adam, decoupled for AdamW).
     optimizer_eps:   the optimizer's ``eps``, where it has one; ``None`` keeps torch's default (Adam: 1e-8).
@@ -111,10 +111,18 @@ class StagedDecay:
     """The IWAE paper's learning-rate schedule (Burda et al. 2016), fitted to ``epochs`` epochs.
 
     The paper trains 3^i epochs at ``lr * 10^(-i/7)`` for i = 0..7: 3,280 epochs in all. Here
-    stage i takes the same share of ``epochs`` (3^i / 3280 of them, rounded at the stage ends), so
-    ``epochs=3280`` is the paper's schedule exactly and fewer epochs compress it. Called with an
-    epoch index (0-based), it returns the factor on ``lr``, as ``torch.optim.lr_scheduler.LambdaLR``
-    wants; its state is the plain attribute ``epochs``, so schedulers save and load it.
+    stage i takes the same share of ``epochs`` (3^i / 3280 of them, rounded at the stage ends), but
+    at least one epoch, so ``epochs=3280`` is the paper's schedule exactly, fewer epochs compress it,
+    and the first epoch always runs at ``lr`` itself. With 1,000 epochs the stages take 1, 1, 2, 8,
+    25, 74, 222 and 667 epochs; with 10, one epoch each and the last stage three. With fewer epochs
+    than the 8 stages, the first ``epochs`` stages run one epoch each and the others none. Called
+    with an epoch index (0-based), it returns the factor on ``lr``, as
+    ``torch.optim.lr_scheduler.LambdaLR`` wants; its state is the plain attribute ``epochs``, so
+    schedulers save and load it.
+
+    Before the one-epoch floor, a stage whose rounded share was no epoch was dropped: with fewer than
+    1,641 epochs the run never used ``lr`` itself (1,000 epochs started at ``lr * 10^(-1/7)``, 10 at
+    ``lr * 10^(-5/7)``). The committed results of docs/quality.md were trained so; it says what changed.
     """
 
     STAGES = 8
@@ -123,9 +131,14 @@ class StagedDecay:
         self.epochs = epochs
 
     def stage_ends(self) -> list[int]:
-        """The epoch (exclusive) where each stage ends: ``[1, 4, 13, ..., 3280]`` for 3,280 epochs."""
+        """The epoch (exclusive) where each stage ends: ``[1, 4, 13, ..., 3280]`` for 3,280 epochs, ``[1, 2, ..., 7, 10]`` for 10."""
         total = (3**self.STAGES - 1) // 2
-        return [round(self.epochs * ((3 ** (i + 1) - 1) // 2) / total) for i in range(self.STAGES)]
+        ends, end = [], 0
+        for i in range(self.STAGES):
+            share = round(self.epochs * ((3 ** (i + 1) - 1) // 2) / total)
+            end = min(max(share, end + 1), self.epochs)  # at least one epoch for each stage while there are epochs
+            ends.append(end)
+        return ends
 
     def __call__(self, epoch: int) -> float:
         stage = next((i for i, end in enumerate(self.stage_ends()) if epoch < end), self.STAGES - 1)

@@ -40,6 +40,11 @@ class RunFolder:
     def write_config(self, config: dict) -> None:
         write_text_atomic(self.path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
+    def read_config(self) -> dict:
+        """What :meth:`write_config` wrote; ``{}`` when there is no config.json."""
+        file = self.path / CONFIG_FILE
+        return json.loads(file.read_text()) if file.exists() else {}
+
     def write_history(self, history: list[dict]) -> None:
         """metrics.json, metrics.csv (columns in the order of the first row) and the last row to TensorBoard."""
         write_text_atomic(self.path / METRICS_JSON, json.dumps(history, indent=2) + "\n")

@@ -193,6 +193,27 @@ def _labelled(batch) -> tuple[Tensor, dict]:
     return batch, {}
 
 
+def _check_longer(out_dir, config: TrainingConfig, state: dict, epochs) -> None:
+    """Raise :class:`~pyrovae.errors.InputError` unless the run ``state`` (of ``config``) in ``out_dir`` can go on to
+    ``epochs`` epochs exactly as a run of ``epochs`` would have (see :meth:`Trainer.resume`)."""
+    history, position = state["history"], state["position"]
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < config.epochs:
+        raise InputError(f"{out_dir} is a run of {config.epochs} epochs: resuming can only extend it, not to epochs={epochs!r}")
+    if history and history[-1]["stopped_early"]:
+        raise InputError(f"{out_dir} stopped early at epoch {history[-1]['epoch']} (its validation loss stopped improving): it cannot be extended")
+    patience = config.early_stopping_patience
+    if position["done"] and patience is not None and position["since_best"] >= patience:
+        raise InputError(
+            f"the validation loss of {out_dir} had not improved for {position['since_best']} validations at its last epoch: "
+            f"a run of {epochs} epochs would have stopped there (early_stopping_patience={patience})"
+        )
+    if config.lr_schedule in ("cosine", "iwae"):
+        raise InputError(
+            f"the {config.lr_schedule} learning-rate schedule of {out_dir} is fitted to its {config.epochs} epochs, so a run of "
+            f"{epochs} would have run other rates from the start: it cannot be extended; train a new run"
+        )
+
+
 def _model_name(model) -> str | None:
     return next((name for name, (cls, _) in MODELS.items() if type(model) is cls), None)
 
@@ -320,10 +341,19 @@ class Trainer:
         return [dict(row) for row in self.history]
 
     @classmethod
-    def resume(cls, out_dir, device="auto") -> "Trainer":
+    def resume(cls, out_dir, device="auto", epochs: int | None = None, progress: bool | None = None) -> "Trainer":
         """A trainer that continues the run saved in ``out_dir`` (its model, optimizers, RNG and history) on ``device``.
 
-        Call :meth:`fit` with the same data to go on; the run's own training config is used.
+        Call :meth:`fit` with the same data to go on; the run's own training config is used, but for:
+
+        epochs:   more epochs than the run's extend it, finished or not: :meth:`fit` trains on to ``epochs``,
+                  as a run of ``epochs`` would have gone on from there (bit for bit on the CPU, when
+                  ``eval_every`` divides the run's epochs: the run validated its last epoch). Refused (an
+                  :class:`~pyrovae.errors.InputError`) when the run's ``lr_schedule`` is ``"cosine"`` or
+                  ``"iwae"``, fitted to the total epochs (the rates it already ran would change), when it stopped
+                  early or its patience had run out at its last epoch, and for fewer epochs than the run's.
+        progress: show the progress bar or not (``None``: as the run did).
+
         A finished run's ``fit`` returns its history without training.
         """
         model, state = load_model(out_dir, device=device)
@@ -334,7 +364,13 @@ class Trainer:
             config = TrainingConfig(**state["training_config"])
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"the training config in {out_dir} is not usable: {error}") from None
-        trainer = cls(model, config, out_dir=out_dir, model_name=state["model_name"])
+        if epochs is not None and epochs != config.epochs:
+            _check_longer(out_dir, config, state, epochs)
+            config = dataclasses.replace(config, epochs=epochs)
+        if progress is not None:
+            config = dataclasses.replace(config, progress=progress)
+        folder = RunFolder(out_dir)
+        trainer = cls(model, config, out_dir=out_dir, model_name=state["model_name"], metadata=folder.read_config().get("metadata"))
         trainer._pending = state
         return trainer
 
@@ -422,6 +458,11 @@ class Trainer:
         self._pos = _Position(n_train=n_train, dynamic_binarization=dynamic_binarization, epoch_rng=self._generator.get_state())
         self._pos.done = not self._phases()
         self._new_optimizers()
+        self._write_config()
+        self._write_files()
+
+    def _write_config(self) -> None:
+        """config.json, when there is a run folder (rank 0 writes)."""
         if self.folder is not None and self._main:
             self.folder.write_config({
                 "model_name": self.model_name,
@@ -429,7 +470,6 @@ class Trainer:
                 "training_config": dataclasses.asdict(self.config),
                 "metadata": self.metadata,
             })
-        self._write_files()
 
     def _new_optimizer(self, params) -> torch.optim.Optimizer:
         config = self.config
@@ -447,9 +487,9 @@ class Trainer:
         return optimizer_class(params, **options)
 
     def _new_optimizers(self) -> None:
-        """The optimizers and schedules of the current phase, one per parameter group (none once the run is done)."""
+        """The optimizers and schedules of the current phase, one per parameter group (none without a phase)."""
         self.optimizers, self.schedulers, self._updater = {}, {}, None
-        if self._pos.done:
+        if self._pos.phase >= len(self._phases()):
             return
         config = self.config
         epochs = self._phases()[self._pos.phase].epochs
@@ -656,8 +696,7 @@ class Trainer:
         pos.figures, pos.seconds = None, 0.0
         pos.epoch_rng = self._generator.get_state()
         if stopped or (pos.epoch == phase.epochs and pos.phase + 1 == len(phases)):
-            pos.done = True
-            self._new_optimizers()
+            pos.done = True  # the optimizers stay, and their checkpoint: a longer run goes on from them (Trainer.resume)
         elif pos.epoch == phase.epochs:
             pos.phase, pos.epoch, pos.phase_step = pos.phase + 1, 0, 0
             self._new_optimizers()
@@ -721,13 +760,20 @@ class Trainer:
         self._pos = _Position(**saved, epoch_rng=state["rng"]["batches"].clone())
         if state["epoch_figures"] is not None:
             self._pos.figures = state["epoch_figures"].to(self.device)
+        fresh = False  # the current phase starts here, with new optimizers
+        if self.config.epochs != state["training_config"]["epochs"]:  # a longer run (Trainer.resume checked it)
+            fresh = self._go_on_longer(state)
+            self._write_config()
+        if self._pos.done:
+            return
         self._new_optimizers()
-        if set(self.optimizers) != set(state["optimizer_states"]):
-            raise CheckpointError(f"the checkpoint holds optimizers {sorted(state['optimizer_states'])}, the model has groups {sorted(self.optimizers)}")
-        for group, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizer_states"][group])
-        for group, scheduler in self.schedulers.items():
-            scheduler.load_state_dict(state["scheduler_states"][group])
+        if not fresh:
+            if set(self.optimizers) != set(state["optimizer_states"]):
+                raise CheckpointError(f"the checkpoint holds optimizers {sorted(state['optimizer_states'])}, the model has groups {sorted(self.optimizers)}")
+            for group, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state["optimizer_states"][group])
+            for group, scheduler in self.schedulers.items():
+                scheduler.load_state_dict(state["scheduler_states"][group])
         self._pos.reduced = self._pos.step  # a saved epoch's figures are the global ones
         rank, world = self._ranks
         ranks = state["rng"].get("ranks")
@@ -742,6 +788,25 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if rank > 0:  # another number of processes than the run's: fresh draws, seeded by rank and position
             torch.manual_seed(distributed.rank_seed(self.config.seed, rank, salt=1 + self._pos.phase_step))
+
+    def _go_on_longer(self, state: dict) -> bool:
+        """Make the restored position that of a run of ``config.epochs``, more than the run ``state`` had: a finished
+        run is not done any more. Returns whether its current phase starts now (no optimizer state to load)."""
+        pos, phases = self._pos, self._phases()
+        if not pos.done:
+            return False
+        pos.done = False
+        if not self.history:  # it had no epochs to run: the first phase starts
+            return True
+        if pos.epoch >= phases[pos.phase].epochs:  # its last phase was one before the end-to-end phase, which starts
+            pos.phase, pos.epoch, pos.phase_step = pos.phase + 1, 0, 0
+            return True
+        if not state["optimizer_states"]:
+            raise CheckpointError(
+                f"{self.folder.checkpoint if self.folder else 'the run'} was finished by a pyrovae that kept no optimizer "
+                "state at the end of a run: it cannot go on exactly; train a new run with more epochs"
+            )
+        return False
 
     def _rank_rng_states(self) -> list | None:
         """(W > 1) Every rank's RNG states, ``[{"torch": ..., "cuda": ...}, ...]`` in rank order (a collective
