@@ -710,7 +710,7 @@ def test_model_registry_errors():
 
 
 #: the ELBOs each model takes (the table in VAEConfig's docs); vae2 refuses TraceMeanField_ELBO
-ACCEPTED_ELBOS = {"vae": ("trace", "meanfield", "iwae"), "cvae": ("trace", "meanfield", "iwae"), "vae2": ("trace", "iwae"), "hvae": ("trace", "iwae")}
+ACCEPTED_ELBOS = {"vae": ("trace", "meanfield", "iwae"), "cvae": ("trace", "meanfield", "iwae"), "vae2": ("trace", "iwae"), "hvae": ("trace", "iwae"), "m2": ("trace",), "gmvae": ("trace",)}
 
 
 def _elbo_cases():
