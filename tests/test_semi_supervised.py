@@ -238,6 +238,17 @@ def test_short_training_with_few_labels_classifies_above_chance(mnist):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_the_trainer_refuses_m2_without_training_labels_before_writing_anything(tmp_path, mnist):
+    """The training split needs labels (-1 for each unlabelled image); validation and test images do not."""
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="train_labels"):
+        Trainer(make(), config(epochs=1), out_dir=out).fit(mnist.train.bernoulli())
+    assert not out.exists() or not any(out.iterdir())
+    labels = _masked(mnist.train_labels, balanced_label_draw(mnist.train_labels, 100, K, seed=0))
+    history = Trainer(make(), config(epochs=1)).fit(mnist.train.bernoulli(), val=mnist.test[:50].bernoulli(), train_labels=labels)
+    assert history[-1]["val_loss"] is not None
+
+
 def test_an_interrupted_m2_run_resumes_bit_for_bit(tmp_path, mnist, monkeypatch):
     train = mnist.train[:128]
     labels = _masked(mnist.train_labels[:128], torch.arange(0, 128, 4))

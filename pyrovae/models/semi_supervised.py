@@ -298,6 +298,10 @@ class SemiSupervisedVAE(AutoencoderMixin, PyroModule):
         if n and (bool(y.min() < UNLABELLED) or bool(y.max() >= self.k)):
             raise InputError(f"labels must be classes in [0, {self.k}) or -1 (unlabelled), got values from {int(y.min())} to {int(y.max())}")
 
+    def requires_labels(self, split: str) -> bool:
+        """Training needs the labels (``-1`` for each unlabelled image); validation and test score log p(x) without them."""
+        return split == "train"
+
     def _split_losses(self, x: Tensor, y: Tensor | None, num_data: int | None) -> tuple[Tensor, Tensor | None]:
         """The negative ELBO of the batch ``x: (B, C, H, W)`` summed over images and divided by B (labelled images
         with y observed, the others with y enumerated), and the mean ``-log q(y|x)`` of the labelled ones (``None`` without)."""
