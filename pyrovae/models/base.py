@@ -109,6 +109,11 @@ class TrainableModel:
         """
         raise InputError(f"a {type(self).__name__} is not conditional: it takes images alone, without labels")
 
+    def requires_labels(self, split: str) -> bool:
+        """Whether the Trainer must refuse the split ``split`` (``"train"``, ``"val"`` or ``"test"``) without labels:
+        every split of a conditional model; the training split of a semi-supervised one."""
+        return self.conditional
+
     def parameter_groups(self) -> dict[str, list]:
         """Group name -> what a torch optimizer takes: parameters, or torch's per-group dicts."""
         return {"model": list(self.parameters())}

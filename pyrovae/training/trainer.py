@@ -437,7 +437,8 @@ class Trainer:
             )
 
     def _check_labels(self, splits: dict) -> None:
-        """Labels of every split with images for a conditional model, none for another; each checked by the model."""
+        """Labels of every split with images the model requires them for (:meth:`~pyrovae.models.base.TrainableModel.requires_labels`),
+        each checked by the model."""
         model = self.model
         for name, (images, labels) in splits.items():
             if images is None:
@@ -448,8 +449,8 @@ class Trainer:
                     model.check_labels(labels, len(images))
                 except InputError as error:
                     raise InputError(f"{name}_labels: {error}") from None
-            elif model.conditional:
-                raise InputError(f"a {type(model).__name__} is conditional, it models images given their labels: pass {name}_labels")
+            elif model.requires_labels(name):
+                raise InputError(f"a {type(model).__name__} needs the labels of its {name} images: pass {name}_labels")
 
     def _phases(self) -> list[Phase]:
         """The model's phases that have epochs to run."""
