@@ -42,7 +42,8 @@ from .devices import resolve_device
 from .errors import InputError
 from .evaluation import PCA, evaluate
 from .likelihoods import LIKELIHOODS
-from .models import AAE, MODELS, build_model
+from .models import AAE, MODELS, SemiSupervisedVAE, build_model
+from .models.semi_supervised import UNLABELLED, balanced_label_draw
 from .models.vae import ELBOS
 from .nets import ACTIVATIONS, NetworkConfig
 from .posteriors import POSTERIORS
@@ -78,6 +79,8 @@ MODEL_OPTIONS = {
     "--reconstruction-lr": "reconstruction_lr",
     "--discriminator-lr": "discriminator_lr",
     "--generator-lr": "generator_lr",
+    "--alpha": "alpha",
+    "--num-components": "num_components",
 }
 #: the file of a run folder that lists the image files left out by --skip-unreadable
 SKIPPED_FILE = "skipped_images.txt"
@@ -209,6 +212,8 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-hidden", type=_int_list, default=argparse.SUPPRESS, help=_model_help("hidden widths between z1 and z2", "top_hidden"))
     for phase in ("reconstruction", "discriminator", "generator"):
         group.add_argument(f"--{phase}-lr", type=float, default=argparse.SUPPRESS, help=_model_help(f"learning rate of the {phase} phase", f"{phase}_lr"))
+    group.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help=_model_help("weight of the classification loss alpha * N * E[-log q(y|x)] on labelled images", "alpha"))
+    group.add_argument("--num-components", type=int, default=argparse.SUPPRESS, help=_model_help("components K of the mixture prior, the clusters", "num_components"))
 
 
 def _model_help(text: str, field: str) -> str:
@@ -255,9 +260,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     device = _single_option_parent("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     seed = _single_option_parent("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
     run = _single_option_parent("run", help="run folder written by `pyrovae train`")
+    labels = _single_option_parent("--labels", type=int, default=None, help="m2 (semi-supervised): keep N training labels, N/K of each class drawn with --seed, and treat the other images as unlabelled (the draw is recorded in the run)")
     num_samples = _single_option_parent("--num-samples", type=int, default=1000, help="importance samples k per image for a VAE's NLL (default: %(default)s)")
 
-    train = sub.add_parser("train", parents=[data, network, _training_parent(epochs=10, resume=True), seed, device], help="train a model and write a run folder", description="Train a model; write its config, checkpoint, metrics, figures and a summary to --out. With no options: the VAE on MNIST.")
+    train = sub.add_parser("train", parents=[data, network, _training_parent(epochs=10, resume=True), seed, labels, device], help="train a model and write a run folder", description="Train a model; write its config, checkpoint, metrics, figures and a summary to --out. With no options: the VAE on MNIST.")
     train.add_argument("--model", choices=sorted(MODELS), default="vae", help="model to train (default: %(default)s)")
     train.add_argument("--out", default="runs/vae", help="run folder (default: %(default)s)")
     train.add_argument(
@@ -280,7 +286,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     interp.add_argument("--pairs", type=int, default=8, help="pairs of test images, one row each (default: %(default)s)")
     interp.add_argument("--steps", type=int, default=10, help="images per row (default: %(default)s)")
 
-    compare = sub.add_parser("compare", parents=[data, network, _training_parent(epochs=5), seed, num_samples, device], help="train and compare several models with the same networks and budget", description="Train each model with the same networks, data and epochs into OUT/MODEL (a run folder, like `pyrovae train`'s); write comparison.md, comparison.json and comparison.png to --out.")
+    compare = sub.add_parser("compare", parents=[data, network, _training_parent(epochs=5), seed, labels, num_samples, device], help="train and compare several models with the same networks and budget", description="Train each model with the same networks, data and epochs into OUT/MODEL (a run folder, like `pyrovae train`'s); write comparison.md, comparison.json and comparison.png to --out.")
     compare.add_argument("--models", type=_model_list, default=COMPARE_DEFAULT, help=f"comma-separated, from {', '.join(COMPARABLE)} (default: %(default)s)")
     compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     return parser, dict(sub.choices)
@@ -400,6 +406,7 @@ def _saved_options(saved: dict) -> dict:
         "lr_step_epochs": training["lr_step_epochs"], "grad_clip": training["grad_clip"],
         "patience": training["early_stopping_patience"], "eval_every": training["eval_every"],
         "eval_images": metadata.get("eval_images", 0), "skip_nonfinite": training["skip_nonfinite"], "seed": training["seed"],
+        "labels": metadata["labels"]["count"] if "labels" in metadata else None,  # m2's kept labels
     }
     for field in MODEL_OPTIONS.values():
         if field in model:
@@ -474,9 +481,32 @@ def _check_labelled(names, data) -> None:
                          "give class subfolders (or y in the .npz), or another model")
 
 
-def _fit_labels(model, data, test_images: int = 0) -> dict:
+def _label_draw(name: str, num_labels: int | None, data, seed: int) -> dict | None:
+    """The labels a semi-supervised model (m2) keeps, as the run records them: ``{"count", "seed", "indices"}``
+    (indices into the training split; see :func:`balanced_label_draw`); ``None`` for another model.
+    Raises :class:`InputError` for ``--labels`` with a model that takes none, or m2 without it."""
+    if MODELS[name][0] is not SemiSupervisedVAE:
+        if num_labels is not None:
+            raise InputError(f"--labels is for the semi-supervised model (m2); --model {name} takes no labels")
+        return None
+    if num_labels is None:
+        raise InputError("m2 learns from labelled and unlabelled images: say how many training labels to keep with --labels N")
+    classes = MODELS[name][1]().num_classes
+    if data.train_labels is None:
+        raise InputError(f"{data.name} has no labels to keep")
+    indices = balanced_label_draw(data.train_labels, num_labels, classes, seed)
+    return {"count": num_labels, "seed": seed, "indices": indices.tolist()}
+
+
+def _fit_labels(model, data, test_images: int = 0, draw: dict | None = None) -> dict:
     """The labels that ``Trainer.fit`` takes for a conditional model: of the training and validation images
-    and of the first ``test_images`` test images (the monitor); none for another model."""
+    and of the first ``test_images`` test images (the monitor); for m2, the training labels of ``draw``
+    (:func:`_label_draw`), ``-1`` for the other images; none for another model."""
+    if draw is not None:
+        labels = torch.full_like(data.train_labels, UNLABELLED)
+        kept = torch.tensor(draw["indices"], dtype=torch.int64, device=labels.device)
+        labels[kept] = data.train_labels[kept]
+        return {"train_labels": labels}
     if not model.conditional:
         return {}
     return {
@@ -493,9 +523,23 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     labels = data.test_labels
     plots.reconstructions(model, x, path=folder / "reconstructions.png", labels=data.test_labels)
     written.append("reconstructions.png")
-    if not model.conditional:  # a conditional model's codes decode given a label: no line between images of two classes
+    decodes_codes_alone = not model.conditional and not isinstance(model, SemiSupervisedVAE)
+    if decodes_codes_alone:  # a conditional model's (and m2's) codes decode given a label: no line between images of two classes
         plots.interpolations(model, x, path=folder / "interpolations.png")
         written.append("interpolations.png")
+    if callable(getattr(model, "classify", None)) and labels is not None:  # m2's classes, the mixture VAE's clusters, against the labels
+        from .evaluation import confusion_matrix, predict_classes
+
+        predicted = predict_classes(model, x).cpu()
+        shown = labels[: len(x)].cpu()  # the labels of the images x holds
+        counts = confusion_matrix(predicted, shown, max(model.k, int(shown.max()) + 1))
+        clusters = not getattr(model, "classes_are_labels", False)
+        plots.confusion(counts, path=folder / "confusion.png", title=f"{type(model).__name__}: test {'clusters' if clusters else 'classes'} against labels",
+                        xlabel="cluster" if clusters else "predicted class")
+        written.append("confusion.png")
+    if isinstance(model, SemiSupervisedVAE):
+        plots.analogies(model, x, path=folder / "analogies.png")
+        written.append("analogies.png")
     # the AAE's codes over its prior's samples (projected on the prior's axes); the others' codes on their own
     # principal axes, which show their structure (an isotropic prior's axes are arbitrary)
     with torch.no_grad():
@@ -510,7 +554,7 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     elif hasattr(model, "sample"):
         plots.samples(model, path=folder / "samples.png")
         written.append("samples.png")
-        if model.latent_dim == 2:
+        if model.latent_dim == 2 and decodes_codes_alone:
             plots.manifold(model, path=folder / "manifold.png")
             written.append("manifold.png")
     if history:
@@ -563,6 +607,7 @@ def cmd_train(args) -> None:
         )
         moved = "data_dir" in args.given and "name" in metadata["data"]  # a named dataset's folder (your own images keep their paths)
         data = _load_data({**metadata["data"], **({"root": args.data_dir} if moved else {})}, device)
+        draw = metadata.get("labels")
     else:
         if distributed.any_rank((folder / CHECKPOINT_FILE).exists()):  # every rank decides before rank 0 writes
             raise InputError(f"{folder} already holds a run: continue it with --resume, or choose another --out")
@@ -572,9 +617,12 @@ def cmd_train(args) -> None:
         _check_labelled([args.model], data)
         model_options = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if hasattr(args, field)}
         config = _model_config(args.model, _network_config(args, data.image_shape, args.model), model_options)
+        draw = _label_draw(args.model, args.labels, data, args.seed)
         torch.manual_seed(args.seed)  # the initial weights follow --seed too
         model = build_model(args.model, config).to(device)
         metadata = {"data": options, "eval_images": args.eval_images}
+        if draw is not None:
+            metadata["labels"] = draw
         trainer = Trainer(model, training, out_dir=folder, model_name=args.model, metadata=metadata)
 
     start = time.perf_counter()
@@ -582,7 +630,7 @@ def cmd_train(args) -> None:
     try:
         history = trainer.fit(
             data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, test=monitor if len(monitor) else None,
-            **_fit_labels(trainer.model, data, len(monitor)),
+            **_fit_labels(trainer.model, data, len(monitor), draw),
         )
     except KeyboardInterrupt as interrupt:
         raise KeyboardInterrupt(f"{interrupt}; from the command line: pyrovae train --out {folder} --resume") from None
@@ -644,8 +692,8 @@ def cmd_interpolate(args) -> None:
     """Decode latent interpolations between random pairs of test images into a PNG grid."""
     device = resolve_device(args.device)
     model, data = _load_run(args.run, device)
-    if model.conditional:
-        raise InputError(f"{args.run} holds a conditional model, whose codes decode given a label: it draws no interpolations between test images")
+    if model.conditional or isinstance(model, SemiSupervisedVAE):
+        raise InputError(f"{args.run} holds a {'conditional' if model.conditional else 'semi-supervised'} model, whose codes decode given a label: it draws no interpolations between test images")
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.randperm(len(data.test), generator=generator)[: 2 * args.pairs]
     if len(index) < 2 * args.pairs:
@@ -666,6 +714,9 @@ def cmd_compare(args) -> None:
     data = _load_data(options, device, progress=not args.no_progress)
     _check_labelled(args.models, data)
     network = _network_config(args, data.image_shape)
+    if args.labels is not None and "m2" not in args.models:
+        raise InputError("--labels is for the semi-supervised model (m2), which --models does not name")
+    draws = {name: _label_draw(name, args.labels, data, args.seed) for name in args.models if name in MODELS and MODELS[name][0] is SemiSupervisedVAE}
 
     rows, trained = [], {}
     for name in args.models:
@@ -675,8 +726,9 @@ def cmd_compare(args) -> None:
         else:
             torch.manual_seed(args.seed)  # every model starts from weights drawn with --seed
             model = build_model(name, _model_config(name, network, {})).to(device)
-            trainer = Trainer(model, training, out_dir=folder / name, model_name=name, metadata={"data": options, "eval_images": 0})
-            trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, **_fit_labels(model, data))
+            metadata = {"data": options, "eval_images": 0, **({"labels": draws[name]} if draws.get(name) else {})}
+            trainer = Trainer(model, training, out_dir=folder / name, model_name=name, metadata=metadata)
+            trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, **_fit_labels(model, data, draw=draws.get(name)))
             model.eval()
         seconds = time.perf_counter() - start
         row = {"model": name, **evaluate(model, data, num_samples=args.num_samples), "training_seconds": round(seconds, 2)}

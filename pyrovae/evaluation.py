@@ -62,6 +62,9 @@ __all__ = [
     "prior_mmd",
     "active_units",
     "PCA",
+    "predict_classes",
+    "confusion_matrix",
+    "clustering_accuracy",
     "evaluate",
 ]
 
@@ -95,8 +98,15 @@ def _networks(model):
     decoder's, of ``model`` for images ``x: (B, C, H, W)``, codes ``z: (B, L)`` and labels ``y: (B,)``;
     ``y`` matters only to a conditional model (pass ``None`` for another)."""
     if not getattr(model, "conditional", False):
+        if callable(getattr(model, "decoder_input", None)):  # a class summed out (M2, the mixture VAE): decode with class 0
+            return (lambda x, y: model.encoder(x)), (lambda z, y: model.decoder(model.decoder_input(z, _class_zero(z))))
         return (lambda x, y: model.encoder(x)), (lambda z, y: model.decoder(z))
     return (lambda x, y: model.encoder(model.encoder_input(x, y))), (lambda z, y: model.decoder(model.decoder_input(z, y)))
+
+
+def _class_zero(z: Tensor) -> Tensor:
+    """Class 0 for each code of ``z: (..., L)``: int64 ``(...)``."""
+    return torch.zeros(z.shape[:-1], dtype=torch.int64, device=z.device)
 
 
 def _placeholder_labels(model, n: int) -> Tensor | None:
@@ -112,6 +122,11 @@ def _is_pyro_model(model) -> bool:
     return callable(getattr(model, "guide", None)) and callable(getattr(model, "model", None))
 
 
+def _is_enumerated(site) -> bool:
+    """Whether Pyro enumerated the sample ``site`` (``poutine.enum`` on a site marked ``infer={"enumerate": "parallel"}``)."""
+    return site["infer"].get("_enumerate_dim") is not None
+
+
 def _density_sites(trace) -> list[dict]:
     """The sample sites of ``trace`` that have a density, in order: not a plate's subsample, not auxiliary."""
     return [
@@ -121,14 +136,54 @@ def _density_sites(trace) -> list[dict]:
     ]
 
 
-def _log_density(trace, observed: bool) -> Tensor:
-    """The sum of ``log_prob`` over the sample sites of ``trace`` (observed ones too if ``observed``), unscaled
-    and unmasked (no KL weight, no minibatch scale): ``(K, B)`` under the plates of :func:`log_weights`."""
+def _log_density(trace, observed: bool, enumerated: bool = True) -> Tensor:
+    """The sum of ``log_prob`` over the sample sites of ``trace`` (observed ones too if ``observed``; enumerated ones
+    unless ``enumerated`` is False), unscaled and unmasked (no KL weight, no minibatch scale): ``(..., K, B)`` under
+    the plates of :func:`log_weights`, an enumerated site's values on the dims left of them."""
     total = 0.0
     for site in _density_sites(trace):
+        if not enumerated and _is_enumerated(site):
+            continue
         if observed or not site["is_observed"]:
             total = total + site["fn"].log_prob(site["value"])
     return total
+
+
+def _enumerated_log_weights(model, x: Tensor, num_samples: int, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The traces behind :func:`log_weights` and :func:`elbo_per_example`, with discrete sites enumerated.
+
+    ``model.guide`` runs under a plate of ``K`` particles (dim -2; the plate over images is dim -1) and
+    ``poutine.enum`` (first enumeration dim -3), ``model.model`` under ``poutine.enum`` replayed on its
+    draws, as Pyro's ``TraceEnum_ELBO`` runs them: a site marked ``infer={"enumerate": "parallel"}`` takes all
+    its values at once, on a dim of its own left of the particles. Returns
+
+    * ``log_w``: ``log p(x, y, z) - log q(z | x, y)``, ``(K, B)`` without enumerated sites, else ``(E..., K, B)``
+      with one dim per value combination: every model site counts, guide sites that are enumerated do not
+      (their values are summed over, not drawn), and model-only enumerated sites (a model's own discrete
+      latent) are already summed out, ``log sum_c p(x, c, z)``;
+    * ``log_q``: the guide's enumerated sites' ``log q(y | x)``, broadcastable to ``log_w`` (``None`` without any).
+    """
+    kwargs = {} if labels is None else {"y": labels}
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_trace = poutine.trace(poutine.enum(model.guide, first_available_dim=-3)).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(poutine.enum(model.model), trace=guide_trace)).get_trace(x, **kwargs)
+    log_w = _log_density(model_trace, observed=True) - _log_density(guide_trace, observed=False, enumerated=False)
+    model_only = [
+        site["infer"]["_enumerate_dim"]
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and _is_enumerated(site) and name not in guide_trace.nodes
+    ]
+    model_only = [dim for dim in model_only if -dim <= log_w.dim()]
+    if model_only:
+        log_w = log_w.logsumexp(dim=model_only, keepdim=True)
+    enumerated = [site for site in guide_trace.nodes.values() if site["type"] == "sample" and _is_enumerated(site)]
+    log_q = sum(site["fn"].log_prob(site["value"]) for site in enumerated) if enumerated else None
+    return log_w, log_q
+
+
+def _leading_dims(t: Tensor) -> tuple[int, ...]:
+    """The dims of ``t`` left of the particles and the images: the enumerated values'."""
+    return tuple(range(t.dim() - 2))
 
 
 def log_weights(model, x: Tensor, num_samples: int = 1, labels: Tensor | None = None) -> Tensor:
@@ -142,12 +197,17 @@ def log_weights(model, x: Tensor, num_samples: int = 1, labels: Tensor | None = 
     ``K = 1`` is the ELBO's estimator; a log-mean-exp over ``K`` is the IWAE bound. The KL weight
     and the minibatch scale of the program are ignored (these are densities, not losses). Draws
     from torch's global generator; gradients flow unless the caller turns them off.
+
+    **Discrete sites summed out exactly.** A site marked for parallel enumeration
+    (``infer={"enumerate": "parallel"}``, or ``config_enumerate``) is not sampled: in the guide (M2's
+    ``y``, the mixture VAE's ``c``), the weight of draw k sums over its values,
+    ``log sum_y p(x, y, z_{k,y}) / q(z_{k,y} | x, y)`` with ``z_{k,y} ~ q(z | x, y)``, an unbiased estimate
+    of ``p(x)`` whatever q(y|x) is; in the model alone, ``log sum_c p(x, c, z_k) - log q(z_k | x)``. See
+    :func:`_enumerated_log_weights`. Then the log-mean-exp over ``K`` estimates ``log p(x)`` as for any VAE,
+    but the mean over ``K = 1`` bounds it more tightly than the ELBO (which :func:`elbo_per_example` gives).
     """
-    kwargs = {} if labels is None else {"y": labels}
-    with pyro.plate("particles", num_samples, dim=-2):
-        guide_trace = poutine.trace(model.guide).get_trace(x, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x, **kwargs)
-    return _log_density(model_trace, observed=True) - _log_density(guide_trace, observed=False)
+    log_w, _ = _enumerated_log_weights(model, x, num_samples, labels)
+    return log_w.logsumexp(dim=_leading_dims(log_w)) if log_w.dim() > 2 else log_w
 
 
 def _one_latent_site(model, x: Tensor, labels: Tensor | None = None) -> bool:
@@ -204,6 +264,9 @@ def elbo_per_example(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | No
     ``ELBO(x) = E_q[log p(x, z) - log q(z|x)]``, estimated with one draw ``z ~ q(z|x)`` per image
     (:func:`log_weights` with ``K = 1``), the estimator of Pyro's ``Trace_ELBO``: unbiased, for
     any prior, posterior and number of latent layers; the mean over a test set is the test ELBO.
+    A discrete guide site marked for enumeration is summed over exactly, as ``TraceEnum_ELBO`` does:
+    ``sum_y q(y|x) [log p(x, y, z_y) - log q(z_y | x, y) - log q(y|x)]``, one draw ``z_y`` per value; a model-only
+    one is summed out of ``p`` (see :func:`_enumerated_log_weights`).
     Draws from torch's global random number generator.
     """
     _check_batch_size(batch_size)
@@ -215,7 +278,11 @@ def elbo_per_example(vae, x: Tensor, batch_size: int = 1000, labels: Tensor | No
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
             yb = None if labels is None else labels[start : start + batch_size].to(device)
-            parts.append(log_weights(vae, xb, 1, yb)[0])  # (B,)
+            log_w, log_q = _enumerated_log_weights(vae, xb, 1, yb)
+            if log_q is not None:
+                terms = log_q.exp() * (log_w - log_q)  # (E..., 1, B)
+                log_w = terms.sum(dim=_leading_dims(terms))
+            parts.append(log_w.reshape(-1, len(xb))[0])  # (B,)
     return torch.cat(parts).to(x.device)
 
 
@@ -525,6 +592,49 @@ def probe_predictions(
         return (test_codes @ weight + bias).argmax(1)
 
 
+# --------------------------------------------------------------------------- classes and clusters
+
+
+def predict_classes(model, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """``model.classify`` (the most probable class under q(y|x) of M2, the cluster of the mixture VAE) of each image
+    of ``x: (N, C, H, W)``, in batches, in eval mode: int64 ``(N,)`` on ``x``'s device."""
+    _check_batch_size(batch_size)
+    model.check_input(x)
+    with torch.no_grad(), evaluating(model):
+        parts = [model.classify(x[i : i + batch_size].to(model.device)) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts).to(x.device)
+
+
+def confusion_matrix(predicted: Tensor, labels: Tensor, num_classes: int | None = None) -> Tensor:
+    """Counts ``(K, K)``, int64: entry ``[i, j]`` is the number of images of label ``i`` predicted as ``j``, for
+    ``predicted`` and ``labels``, int64 ``(N,)`` in ``[0, K)`` (``K``: ``num_classes``, or the largest value + 1)."""
+    if predicted.shape != labels.shape or predicted.dim() != 1:
+        raise InputError(f"predicted and labels must be (N,) alike, got {tuple(predicted.shape)} and {tuple(labels.shape)}")
+    k = num_classes if num_classes is not None else int(max(predicted.max(), labels.max())) + 1
+    flat = labels.long().cpu() * k + predicted.long().cpu()
+    return torch.bincount(flat, minlength=k * k).reshape(k, k)
+
+
+def clustering_accuracy(clusters: Tensor, labels: Tensor) -> float:
+    """Unsupervised clustering accuracy in ``[0, 1]``: the fraction of images whose cluster, under the best
+    one-to-one matching of clusters to labels, is their label (``clusters`` and ``labels``: int64 ``(N,)``).
+
+    The matching maximises the images matched, found by the Hungarian method (scipy's
+    ``linear_sum_assignment`` on the clusters-by-labels counts); with more clusters than labels the
+    unmatched clusters' images count as wrong.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if clusters.shape != labels.shape or clusters.dim() != 1 or len(labels) == 0:
+        raise InputError(f"clusters and labels must be (N,) alike with N > 0, got {tuple(clusters.shape)} and {tuple(labels.shape)}")
+    if bool(clusters.min() < 0) or bool(labels.min() < 0):
+        raise InputError("clusters and labels must be non-negative integers")
+    k = int(max(clusters.max(), labels.max())) + 1
+    counts = confusion_matrix(clusters, labels, k).T.numpy()  # [cluster, label]
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum()) / len(labels)
+
+
 # --------------------------------------------------------------------------- aggregated posterior vs prior
 
 #: Scales ``s`` of the MMD's inverse multiquadric kernel, ``C_s = 2 L s`` (as in Tolstikhin et al.'s WAE).
@@ -753,6 +863,9 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
     The VAEs (the Pyro models: a ``model`` and a ``guide``) also: ``"elbo"`` and ``"bits_per_dim"`` (see :func:`test_elbo`; may be ``None``) and, when
     ``num_samples > 0``, ``"nll"``: minus the mean of :func:`log_likelihood` with that many
     importance samples (nats per image). Values are floats (``"bce"`` may be ``None``), but for the per-class dict.
+    A model with a discrete latent (``classify``) also gets ``"accuracy"`` (M2: q(y|x)'s most probable class
+    against the test labels) or ``"cluster_accuracy"`` (the mixture VAE: :func:`clustering_accuracy`); its
+    ``"elbo"`` and ``"nll"`` sum the class out exactly (:func:`log_weights`).
     A conditional model (the CVAE) is given the test labels throughout: ``"elbo"`` and ``"nll"`` are
     of ``log p(x|y)``, reconstructions use each image's label, and the codes (probe, MMD) are those of q(z|x, y).
     Unlabelled images (``data.train_labels`` is ``None``) have no ``"probe_accuracy"``. The test images
@@ -769,6 +882,13 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
             results.update(test_elbo(model, test, labels=labels))
             if num_samples > 0:
                 results["nll"] = -log_likelihood(model, test, num_samples=num_samples, labels=labels).double().mean().item()
+        if callable(getattr(model, "classify", None)) and data.test_labels is not None:  # a discrete latent: M2's classes, the mixture VAE's clusters
+            predicted = predict_classes(model, test)
+            test_labels = data.test_labels.to(predicted.device)
+            if getattr(model, "classes_are_labels", False):
+                results["accuracy"] = (predicted == test_labels).double().mean().item()
+            else:
+                results["cluster_accuracy"] = clustering_accuracy(predicted, test_labels)
         results.update(reconstruction_error(model, test, labels=labels))
         if not isinstance(model, PCA):
             results["prior_mmd"] = prior_mmd(model, test[:MMD_IMAGES], labels=None if labels is None else labels[:MMD_IMAGES])

@@ -1,5 +1,6 @@
 """Figures from a model and data: reconstructions, samples, interpolations, latent codes,
-the decoded latent plane, training curves, and a side-by-side comparison of models.
+the decoded latent plane, training curves, a side-by-side comparison of models, and for the
+models with a discrete latent the analogies grid and a confusion matrix.
 
 Every function returns a :class:`matplotlib.figure.Figure` drawn on an Agg canvas and, given
 ``path``, also writes it there as a PNG (creating the folder). The figures are not registered
@@ -39,7 +40,7 @@ from .errors import InputError
 from .evaluation import PCA
 from .models.base import evaluating
 
-__all__ = ["reconstructions", "samples", "class_samples", "interpolations", "latent_scatter", "manifold", "training_curves", "comparison"]
+__all__ = ["reconstructions", "samples", "class_samples", "interpolations", "latent_scatter", "manifold", "training_curves", "comparison", "analogies", "confusion"]
 
 PADDING = 2  # pixels between the images of a grid
 PAD_VALUE = 0.5  # grey lines between images
@@ -379,4 +380,50 @@ def comparison(models: dict, x: Tensor, n: int = 8, path=None, labels=None) -> F
     if sample_rows:
         _show_grid(axes[1], torch.cat(sample_rows), ncol=len(x), row_labels=sample_names)
         axes[1].set_title("samples from the prior")
+    return _finish(figure, path)
+
+
+# --------------------------------------------------------------------------- discrete latents
+
+
+def analogies(model, x: Tensor, n: int = 8, path=None) -> Figure:
+    """Kingma et al.'s analogies of a semi-supervised VAE (M2): the first ``n`` test images of ``x: (N, C, H, W)``
+    (top row) and, below, each one's style z (``model.analogies``: the mean of q(z | x, y) at its most
+    probable class) decoded with every class, one row per class."""
+    if not callable(getattr(model, "analogies", None)):
+        raise InputError(f"a {_name(model)} has no classes to decode a style with; analogies need a semi-supervised VAE (m2)")
+    _check_images(x)
+    if n <= 0:
+        raise InputError(f"n must be positive, got {n}")
+    x = x[:n].to(_device(model, x.device))
+    with torch.no_grad(), evaluating(model):
+        grid = model.analogies(x)  # (K, n, C, H, W)
+    classes = grid.shape[0]
+    figure = _figure(CELL_INCHES * len(x) + 1.0, CELL_INCHES * (classes + 1) + 0.6)
+    ax = figure.add_subplot()
+    _show_grid(ax, torch.cat([x, grid.flatten(0, 1)]), ncol=len(x), row_labels=["input", *(str(k) for k in range(classes))])
+    ax.set_ylabel("class")
+    ax.set_title(f"{_name(model)}: each test image's style, decoded with every class")
+    return _finish(figure, path)
+
+
+def confusion(counts: Tensor, path=None, title: str = "confusion matrix", xlabel: str = "predicted class") -> Figure:
+    """A confusion matrix ``counts: (K, J)`` (rows: true labels; columns: predicted classes or clusters, see
+    :func:`pyrovae.evaluation.confusion_matrix`) as an image, each row normalised to fractions, the counts written in."""
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 2:
+        raise InputError(f"counts must be a matrix (K, J), got shape {tuple(counts.shape)}")
+    rows = counts.double() / counts.sum(1, keepdim=True).clamp_min(1)
+    figure = _figure(0.45 * counts.shape[1] + 1.8, 0.45 * counts.shape[0] + 1.0)
+    ax = figure.add_subplot()
+    image = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=6, color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xticks(range(counts.shape[1]))
+    ax.set_yticks(range(counts.shape[0]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("label")
+    ax.set_title(title)
+    figure.colorbar(image, ax=ax, label="fraction of the label's images")
     return _finish(figure, path)

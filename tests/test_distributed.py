@@ -22,6 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
 
 from conftest import tiny_network
 from pyrovae.checkpoints import load_checkpoint
@@ -29,28 +32,42 @@ from pyrovae.cli import main
 from pyrovae.devices import resolve_device
 from pyrovae.errors import InputError
 from pyrovae.evaluation import log_likelihood, test_elbo
-from pyrovae.models import AAE, AE, CVAE, VAE, AAEConfig, AEConfig, CVAEConfig, StackedAE, StackedAEConfig, VAEConfig
+from pyrovae.models import (
+    AAE, AE, CVAE, VAE, AAEConfig, AEConfig, CVAEConfig, HierarchicalVAE, HierarchicalVAEConfig, SparseAE, SparseAEConfig, StackedAE,
+    StackedAEConfig, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig,
+)
+from pyrovae.models.base import Progress
 from pyrovae.training import Trainer, TrainingConfig, TrainingError, distributed
+from pyrovae.training.trainer import _Updater
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD = 2
 #: (model, global batch size): 300 images in batches of 64 leave a last batch of 44; of 75, four even ones.
 #: The stacked AE's pretraining phases leave parameters without gradients.
-CASES = [("ae", 64), ("ae", 75), ("vae", 64), ("cvae", 64), ("stacked", 64)]
+#: The sparse AE's penalty is a non-linear function of the batch's mean code, in training and validation.
+CASES = [("ae", 64), ("ae", 75), ("vae", 64), ("cvae", 64), ("stacked", 64), ("sparse", 75)]
+#: the models whose training loss is a non-linear function of a mean over the batch (free bits, the sparse penalty)
+BATCH_STATISTIC_MODELS = ("vae", "vae2", "hierarchical", "cvae", "sparse")
 
 
-def make(name: str):
+def make(name: str, free_bits: float = 0.0, latent_dim: int = 4):
     torch.manual_seed(0)  # every model starts from the same weights (rank 0's are broadcast anyway)
-    network = tiny_network(hidden=(32,), latent_dim=4)
+    network = tiny_network(hidden=(32,), latent_dim=latent_dim)
     if name == "ae":
         return AE(AEConfig(network=network))
     if name == "vae":
-        return VAE(VAEConfig(network=network))
+        return VAE(VAEConfig(network=network, free_bits=free_bits))
+    if name == "vae2":
+        return TwoLayerVAE(TwoLayerVAEConfig(network=network, top_latent_dim=2, top_hidden=(8,), free_bits=free_bits))
+    if name == "hierarchical":
+        return HierarchicalVAE(HierarchicalVAEConfig(network=network, prior="normal", top_latent_dim=2, free_bits=free_bits))
     if name == "stacked":
         return StackedAE(StackedAEConfig(network=network))
+    if name == "sparse":
+        return SparseAE(SparseAEConfig(network=network, sparsity_weight=10.0))
     if name == "aae":
         return AAE(AAEConfig(network=network))
-    return CVAE(CVAEConfig(network=network))
+    return CVAE(CVAEConfig(network=network, free_bits=free_bits))
 
 
 def config(batch_size: int, **changes) -> TrainingConfig:
@@ -87,6 +104,64 @@ def train_cases(train, labels, cases) -> dict:
     return results
 
 
+def first_site_kls(model, x, labels) -> Tensor:
+    """The KL term ``log q(z|.) - log p(z|.)`` of each image of ``x: (B, C, H, W)`` at the first latent site: ``(B,)``."""
+    given = {"y": labels} if model.conditional else {}
+    guide = prune_subsample_sites(poutine.trace(model.guide).get_trace(x, **given))
+    trace = prune_subsample_sites(poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(x, **given))
+    name = next(name for name, site in guide.nodes.items() if site["type"] == "sample" and name in trace.nodes and not site["is_observed"])
+    value = guide.nodes[name]["value"]
+    return (guide.nodes[name]["fn"].log_prob(value) - trace.nodes[name]["fn"].log_prob(value)).detach()
+
+
+def contested_batch(name: str, pool, labels) -> dict:
+    """A 9-image batch of ``pool`` and the model's settings that make its two shards (of 5 and 4 images: uneven, so
+    that each rank's share of the batch matters) disagree with the whole batch about a batch statistic (the
+    weights are ``make``'s):
+
+    free bits: the 5 images of lowest KL at the first latent site (shard 0) and the 4 of highest (shard 1), and a
+    floor between the two shards' mean KL, below the whole batch's: the floor binds on shard 0 alone.
+    the sparse AE: the 5 images of lowest mean code and the 4 of highest, the penalty being convex in the batch's mean.
+    """
+    latent_dim = 16
+    model = make(name, latent_dim=latent_dim)
+    with torch.no_grad():
+        if name == "sparse":
+            order = model.encode(pool).mean(1).argsort()
+        else:
+            order = first_site_kls(model, pool, labels).argsort()
+    chosen = torch.cat([order[:5], order[-4:]])
+    batch = {"name": name, "latent_dim": latent_dim, "x": pool[chosen], "labels": labels[chosen], "free_bits": 0.0}
+    if name != "sparse":
+        with torch.no_grad():
+            kls = first_site_kls(model, batch["x"], batch["labels"])
+        low, high = kls[:5].mean().item(), kls[5:].mean().item()
+        batch["free_bits"] = low + 0.25 * (high - low)
+    return batch
+
+
+def one_step(batch: dict) -> tuple[float, dict]:
+    """The whole batch's loss and every parameter's gradient in one training step of ``batch``'s model, as the
+    optimizers see them: on this process's shard of the batch, averaged by the Trainer's update across processes."""
+    model = make(batch["name"], batch["free_bits"], batch["latent_dim"])
+    x, labels = batch["x"], batch["labels"]
+    lo, hi = distributed.shard_bounds(len(x))
+    optimizers = {group: torch.optim.SGD(params, lr=0.0) for group, params in model.parameter_groups().items()}
+    update = _Updater(optimizers, grad_clip=None, skip_nonfinite=False, parallel=distributed.is_distributed())
+    update.share = (hi - lo) / len(x)
+    given = {"y": labels[lo:hi]} if model.conditional else {}
+    loss = model.training_step(x[lo:hi], update, Progress(num_data=300), **given)["loss"]
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return distributed.all_sum(float(loss) * update.share), grads
+
+
+def validation_loss(batch: dict) -> float:
+    """The Trainer's validation loss of ``batch``'s model on its images, one batch of them (split across the processes)."""
+    trainer = Trainer(make(batch["name"], batch["free_bits"], batch["latent_dim"]), config(len(batch["x"])))
+    trainer._ranks = (distributed.rank(), distributed.world_size())  # as fit sets them
+    return trainer._validate(batch["x"], None)
+
+
 # --------------------------------------------------------------------------- workers (run in spawned processes)
 
 
@@ -111,6 +186,18 @@ def _equality_worker(rank, init_file, train, labels, out):
             "any": distributed.any_rank(rank == 1), "none": distributed.any_rank(False), "objects": distributed.all_gather_objects({"rank": rank}),
             "who": (distributed.rank(), distributed.world_size(), distributed.is_main()),
         }
+        torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def _batch_statistics_worker(rank, init_file, contested, out):
+    _join(rank, init_file)
+    try:
+        pyro_dist.Normal.rsample = rsample_without_rng
+        results = {batch["name"]: one_step(batch) for batch in contested}
+        results["validation"] = validation_loss(contested[-1])  # the sparse AE's penalty in validation
         torch.save(results, f"{out}.{rank}")
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
@@ -164,8 +251,11 @@ def _sigterm_worker(rank, init_file, train, folder, out):
         position = load_checkpoint(Path(folder) / "cut" / "checkpoint.pt")["position"]
         resumed = Trainer.resume(Path(folder) / "cut", device="cpu")
         history = resumed.fit(train)
+        # rank 1's cut is in a reference cycle (its patched _agree): a process group it held would outlive
+        # destroy_process_group until the interpreter exits, and such a group aborted rank 1 at exit (SIGABRT)
+        groups = [name for trainer in (cut, resumed) for name, value in vars(trainer).items() if isinstance(value, dist.ProcessGroup)]
         torch.save({"failure": failure, "stopped": stopped, "position": position, "whole": whole.state_dict(), "resumed": resumed.model.state_dict(),
-                    "history": history}, f"{out}.{rank}")
+                    "history": history, "groups": groups}, f"{out}.{rank}")
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
@@ -226,12 +316,34 @@ def test_two_processes_train_to_one_process_parameters(tmp_path, mnist, monkeypa
             assert other["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5), case
 
 
+def test_two_shards_compute_free_bits_and_the_sparse_penalty_on_the_whole_batch(tmp_path, mnist, monkeypatch):
+    """Free bits (VAE, two-layer VAE, hierarchical VAE, CVAE) and the sparse AE's penalty are non-linear functions of a mean over the
+    batch: on two shards (5 and 4 images) of a 9-image batch chosen so that the shards' means fall on either side of
+    the floor (or far apart), the whole batch's loss and the gradients the optimizers step on are one process's."""
+    monkeypatch.setattr(pyro_dist.Normal, "rsample", rsample_without_rng)
+    contested = [contested_batch(name, mnist.train[:100], mnist.train_labels[:100]) for name in BATCH_STATISTIC_MODELS]
+    _spawn(_batch_statistics_worker, tmp_path, contested, str(tmp_path / "two.pt"))
+    ranks = [torch.load(f"{tmp_path / 'two.pt'}.{rank}", weights_only=False) for rank in range(WORLD)]
+    assert contested[-1]["name"] == "sparse"
+    for rank in ranks:  # validation scores the batches one process scores, not each rank's half of them
+        assert rank["validation"] == pytest.approx(validation_loss(contested[-1]), abs=1e-3)
+    for batch in contested:
+        name = batch["name"]
+        loss, grads = one_step(batch)
+        for two_loss, two_grads in (rank[name] for rank in ranks):
+            assert two_loss == pytest.approx(loss, abs=1e-3), name
+            assert sorted(two_grads) == sorted(grads), name
+            for parameter, grad in grads.items():
+                torch.testing.assert_close(two_grads[parameter], grad, rtol=1e-4, atol=1e-5, msg=f"{name} {parameter}")
+
+
 def test_sigterm_on_one_rank_stops_both_with_a_checkpoint_and_resume_is_bitwise(tmp_path, mnist):
     """And a NaN loss on one rank raises the same TrainingError on both."""
     _spawn(_sigterm_worker, tmp_path, mnist.train[:], str(tmp_path), str(tmp_path / "out"))
     ranks = [torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=False) for rank in range(WORLD)]
     assert ranks[0]["failure"] == ranks[1]["failure"] and "step 3 of 5" in ranks[0]["failure"]
     for result in ranks:
+        assert result["groups"] == []  # a trainer holds no process group object (it names the default group None)
         assert "SIGTERM" in result["stopped"] and "at step 2 of train epoch 2" in result["stopped"]
         assert (result["position"]["epoch"], result["position"]["step"]) == (1, 2)
         assert [row["epoch"] for row in result["history"]] == [1, 2, 3]

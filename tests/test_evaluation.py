@@ -424,7 +424,8 @@ def test_prior_mmd_puts_autoencoders_on_the_standard_normal():
 def test_every_model_trains_with_dropout_and_evaluates_deterministically(name, mnist):
     network = NetworkConfig(input_shape=(1, 28, 28), latent_dim=4, hidden=(32,), dropout=0.2)
     model = build_model(name, MODELS[name][1](network=network))
-    labels = {"train_labels": mnist.train_labels[:100]} if model.conditional else {}
+    takes_labels = model.conditional or getattr(model, "classes_are_labels", False)  # the CVAE; M2 (all labelled here)
+    labels = {"train_labels": mnist.train_labels[:100]} if takes_labels else {}
     history = Trainer(model, TrainingConfig(epochs=1, batch_size=50, progress=False)).fit(mnist.train[:100], **labels)
     assert math.isfinite(history[-1]["train_loss"]) and model.training
     data = ImageData("mnist", mnist.train[:100], mnist.train_labels[:100], mnist.test[:50], mnist.test_labels[:50])

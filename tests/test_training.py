@@ -643,7 +643,8 @@ def test_every_models_optimizers_take_the_training_lr(name, mnist):
 
     type(model).training_step = spy
     try:
-        labels = {"train_labels": mnist.train_labels[:64]} if model.conditional else {}
+        takes_labels = model.conditional or getattr(model, "classes_are_labels", False)  # the CVAE; M2 (all labelled here)
+        labels = {"train_labels": mnist.train_labels[:64]} if takes_labels else {}
         Trainer(model, config(epochs=1, lr=3e-5)).fit(mnist.train[:64], **labels)
     finally:
         type(model).training_step = step

@@ -702,15 +702,15 @@ def test_config_round_trips_through_json():
 
 
 def test_model_registry_errors():
-    assert set(MODELS) == {"vae", "vae2", "hvae", "cvae", "aae", "ae", "sparse", "stacked", "denoising"}
-    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'hvae', 'sparse', 'stacked', 'vae', 'vae2'\]"):
+    assert set(MODELS) == {"vae", "vae2", "hvae", "cvae", "m2", "gmvae", "aae", "ae", "sparse", "stacked", "denoising"}
+    with pytest.raises(ValueError, match=r"unknown model 'gan'; choose from \['aae', 'ae', 'cvae', 'denoising', 'gmvae', 'hvae', 'm2', 'sparse', 'stacked', 'vae', 'vae2'\]"):
         build_model("gan")
     with pytest.raises(ValueError, match="not a VAEConfig"):
         config_from_dict("vae", {"nonsense": 1})
 
 
 #: the ELBOs each model takes (the table in VAEConfig's docs); vae2 refuses TraceMeanField_ELBO
-ACCEPTED_ELBOS = {"vae": ("trace", "meanfield", "iwae"), "cvae": ("trace", "meanfield", "iwae"), "vae2": ("trace", "iwae"), "hvae": ("trace", "iwae")}
+ACCEPTED_ELBOS = {"vae": ("trace", "meanfield", "iwae"), "cvae": ("trace", "meanfield", "iwae"), "vae2": ("trace", "iwae"), "hvae": ("trace", "iwae"), "m2": ("trace",), "gmvae": ("trace",)}
 
 
 def _elbo_cases():

@@ -1,4 +1,4 @@
-"""The models, by name: the Pyro VAE, two-layer VAEs and conditional VAE, the adversarial autoencoder and the deterministic baselines."""
+"""The models, by name: the Pyro VAE, two-layer VAEs, conditional VAE, semi-supervised VAE (M2) and mixture VAE, the adversarial autoencoder and the deterministic baselines."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from .autoencoders import (
 from .base import AutoencoderMixin, Phase, Progress, TrainableModel, Update, config_to_dict
 from .cvae import CVAE, CVAEConfig
 from .hierarchical import HierarchicalVAE, HierarchicalVAEConfig
+from .mixture import MixtureVAE, MixtureVAEConfig
+from .semi_supervised import M2Config, SemiSupervisedVAE
 from .two_layer import TwoLayerVAE, TwoLayerVAEConfig
 from .vae import VAE, VAEConfig
 
 __all__ = [
     "AAE", "AAEConfig", "AE", "AEConfig", "SparseAE", "SparseAEConfig", "StackedAE", "StackedAEConfig", "DenoisingAE",
-    "DenoisingAEConfig", "VAE", "VAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "HierarchicalVAE", "HierarchicalVAEConfig", "CVAE", "CVAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
+    "DenoisingAEConfig", "VAE", "VAEConfig", "TwoLayerVAE", "TwoLayerVAEConfig", "HierarchicalVAE", "HierarchicalVAEConfig", "CVAE", "CVAEConfig", "SemiSupervisedVAE", "M2Config", "MixtureVAE", "MixtureVAEConfig", "AutoencoderMixin", "TrainableModel", "Phase", "Progress", "Update", "MODELS", "build_model", "config_from_dict",
     "config_to_dict",
 ]
 
@@ -32,6 +34,8 @@ MODELS = {
     "vae2": (TwoLayerVAE, TwoLayerVAEConfig),
     "hvae": (HierarchicalVAE, HierarchicalVAEConfig),
     "cvae": (CVAE, CVAEConfig),
+    "m2": (SemiSupervisedVAE, M2Config),
+    "gmvae": (MixtureVAE, MixtureVAEConfig),
     "aae": (AAE, AAEConfig),
     "ae": (AE, AEConfig),
     "sparse": (SparseAE, SparseAEConfig),

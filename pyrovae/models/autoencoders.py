@@ -158,15 +158,29 @@ class SparseAE(AE):
         """``(B, C, H, W) -> (B, L)`` activations in (0, 1)."""
         return torch.sigmoid(self.encoder(x))
 
-    def sparsity_penalty(self, code: Tensor) -> Tensor:
-        """``sum_j KL(Bernoulli(rho) || Bernoulli(rho_hat_j))`` for codes ``(B, L)``: scalar."""
+    def sparsity_penalty(self, code: Tensor, batch_mean=None) -> Tensor:
+        """``sum_j KL(Bernoulli(rho) || Bernoulli(rho_hat_j))`` for codes ``(B, L)``: scalar.
+
+        ``rho_hat`` is the mean of the codes over the batch; ``batch_mean`` (a training step's
+        ``update.batch_mean``) turns it into the mean over the whole batch when ``code`` is one
+        process's shard of it (data parallelism).
+        """
         rho = self.config.sparsity_target
-        rho_hat = code.mean(0).clamp(1e-6, 1 - 1e-6)
+        rho_hat = code.mean(0)
+        if batch_mean is not None:
+            rho_hat = batch_mean(rho_hat)
+        rho_hat = rho_hat.clamp(1e-6, 1 - 1e-6)
         return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
 
-    def _loss(self, x: Tensor) -> Tensor:
+    def _loss(self, x: Tensor, batch_mean=None) -> Tensor:
         code = self.encode(x)
-        return self.reconstruction_loss(self.decoder(code), x) + self.config.sparsity_weight * self.sparsity_penalty(code)
+        return self.reconstruction_loss(self.decoder(code), x) + self.config.sparsity_weight * self.sparsity_penalty(code, batch_mean)
+
+    def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor]:
+        """One optimizer step of :meth:`loss` on ``x: (B, C, H, W)``, its penalty on the whole batch's mean activations."""
+        if is_validation_enabled():
+            self.check_input(x)
+        return {"loss": update("model", lambda: self._loss(x, batch_mean=update.batch_mean))}
 
 
 class DenoisingAE(AE):

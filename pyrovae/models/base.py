@@ -15,6 +15,8 @@ knows of a model; adding a model never edits the loop:
 * :meth:`~TrainableModel.training_step`: one step on a batch; the model says which losses
   update which group, through ``update(group, compute_loss)``, and the Trainer does the rest
   (zeroing, backward, clipping, gradient averaging across processes, the optimizer's step);
+  a loss that is not a mean of per-image terms takes its batch statistics from
+  ``update.batch_mean`` (in several processes the batch is split across them);
 * :meth:`~TrainableModel.validation_loss`: the loss per example on held-out images;
 * :attr:`~TrainableModel.conditional`: whether the model also takes each image's label ``y``.
 
@@ -80,6 +82,14 @@ class Update(Protocol):
 
     def __call__(self, group: str, compute_loss: Callable[[], Tensor]) -> Tensor: ...
 
+    def batch_mean(self, local: Tensor) -> Tensor:
+        """The mean over the whole batch of a statistic whose mean over the images of this step's ``x`` is
+        ``local`` (any shape): ``local`` itself in one process; under data parallelism, where ``x`` is this
+        process's shard, the mean over every shard of the global batch, differentiable so that the
+        gradients, once averaged across processes, are one process's. A loss that is a non-linear
+        function of a batch mean (free bits, a sparse penalty) takes its mean from here."""
+        ...
+
 
 class TrainableModel:
     """The interface of every model the Trainer trains (see the module docs).
@@ -98,6 +108,11 @@ class TrainableModel:
         A model that is not conditional takes none, so this refuses every ``y``.
         """
         raise InputError(f"a {type(self).__name__} is not conditional: it takes images alone, without labels")
+
+    def requires_labels(self, split: str) -> bool:
+        """Whether the Trainer must refuse the split ``split`` (``"train"``, ``"val"`` or ``"test"``) without labels:
+        every split of a conditional model; the training split of a semi-supervised one."""
+        return self.conditional
 
     def parameter_groups(self) -> dict[str, list]:
         """Group name -> what a torch optimizer takes: parameters, or torch's per-group dicts."""

@@ -236,7 +236,7 @@ class CVAE(AutoencoderMixin, PyroModule):
         ``progress.num_data`` images. Figures: ``loss`` (the negative ELBO of log p(x|y) per image) and ``kl_weight``."""
         weight = _warmed_up_kl_weight(self.config, progress)
         with _kl_weight_set(self, weight):
-            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True, y=y))
+            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True, batch_mean=update.batch_mean, y=y))
         return {"loss": loss, "kl_weight": weight}
 
     def validation_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -190,7 +190,7 @@ class HierarchicalVAE(AutoencoderMixin, PyroModule):
         """One step of the configured ELBO on ``x: (B, C, H, W)`` (see :meth:`pyrovae.models.vae.VAE.training_step`)."""
         weight = _warmed_up_kl_weight(self.config, progress)
         with _kl_weight_set(self, weight):
-            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True))
+            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True, batch_mean=update.batch_mean))
         return {"loss": loss, "kl_weight": weight}
 
     def validation_loss(self, x: Tensor) -> Tensor:

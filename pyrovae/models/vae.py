@@ -301,7 +301,7 @@ def _warmed_up_kl_weight(config: VAEConfig, progress: Progress) -> float:
     return float(config.beta) * (min(1.0, progress.epochs_done / warmup) if warmup else 1.0)
 
 
-def free_bits_loss(model, guide, *args, free_bits: float, **kwargs) -> Tensor:
+def free_bits_loss(model, guide, *args, free_bits: float, batch_mean=None, **kwargs) -> Tensor:
     """The one-sample negative ELBO of ``model`` and ``guide`` on ``*args, **kwargs``, with free bits: a latent
     site's KL term ``log q(z) - log p(z | parents)``, summed over its batch, counts as at least ``free_bits``
     nats for each example in the batch (Kingma et al. 2016, eq. 15, with each sample site a group).
@@ -311,33 +311,48 @@ def free_bits_loss(model, guide, *args, free_bits: float, **kwargs) -> Tensor:
     sum scaled by the plates (and ``poutine.scale``/``mask``); the floor is scaled alike, so a site with
     weight beta counts ``beta * max(KL, free_bits)`` per example. Every guide site must be reparameterized.
     With ``free_bits=0`` it equals ``Trace_ELBO().differentiable_loss`` for the same draw.
+
+    batch_mean: when the batch is one process's shard of a larger one (data parallelism), the function
+        that turns a statistic averaged over the shard into that of the whole batch (the Trainer's
+        ``update.batch_mean``): the floor is then compared with the whole batch's KL, as one process
+        does. ``None``: the batch given is the whole batch.
     """
     guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     model_trace = prune_subsample_sites(poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs))
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
-    loss = 0.0
+    latent = {}  # site -> its KL term and its floor, each scaled like the site
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample":
             continue
         if not site["fn"].has_rsample:
             raise InputError(f"free_bits_loss needs reparameterized guide sites; {name!r} is {type(site['fn']).__name__}")
-        if name not in model_trace.nodes:
-            loss = loss + site["log_prob"].sum()
+        if name in model_trace.nodes:
+            weights = scale_and_mask(torch.ones_like(site["unscaled_log_prob"]), site["scale"], site["mask"])
+            latent[name] = ((site["log_prob"] - model_trace.nodes[name]["log_prob"]).sum(), free_bits * weights.sum())
+    if latent and batch_mean is not None:  # one all-reduce for every site: (KL terms, floors) of the whole batch
+        terms = batch_mean(torch.stack([torch.stack(pair) for pair in latent.values()]))
+        latent = dict(zip(latent, terms))
+    loss = 0.0
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
             continue
-        kl = (site["log_prob"] - model_trace.nodes[name]["log_prob"]).sum()
-        weights = scale_and_mask(torch.ones_like(site["unscaled_log_prob"]), site["scale"], site["mask"])
-        loss = loss + torch.maximum(kl, free_bits * weights.sum())
+        if name in latent:
+            kl, floor = latent[name]
+            loss = loss + torch.maximum(kl, floor)
+        else:
+            loss = loss + site["log_prob"].sum()
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and name not in guide_trace.nodes:
             loss = loss - site["log_prob"].sum()
     return loss
 
 
-def _elbo_loss(model, x: Tensor, num_data: int | None, training: bool = False, **condition) -> Tensor:
+def _elbo_loss(model, x: Tensor, num_data: int | None, training: bool = False, batch_mean=None, **condition) -> Tensor:
     """``model.elbo``'s loss per example for ``model.model`` and ``model.guide`` on ``x: (B, C, H, W)`` (and
     ``condition``, the further keyword arguments both take), the batch standing for ``num_data`` images;
-    in ``training``, with the config's free bits (:func:`free_bits_loss`) if it has any.
+    in ``training``, with the config's free bits (:func:`free_bits_loss`, their floor on the KL of the whole
+    batch that ``batch_mean`` gives, see :meth:`pyrovae.models.base.Update.batch_mean`) if it has any.
 
     Trace ELBOs return a differentiable loss (the caller runs backward); RenyiELBO offers
     ``loss_and_grads`` only and runs unscaled (a scale inside its log-mean-exp would change
@@ -353,7 +368,8 @@ def _elbo_loss(model, x: Tensor, num_data: int | None, training: bool = False, *
         return torch.tensor(value / len(x), device=x.device)
     n = num_data or len(x)
     if training and model.config.free_bits:
-        return free_bits_loss(model.model, model.guide, x, num_data=n, free_bits=model.config.free_bits, **condition) / n
+        free_bits = model.config.free_bits
+        return free_bits_loss(model.model, model.guide, x, num_data=n, free_bits=free_bits, batch_mean=batch_mean, **condition) / n
     return elbo.differentiable_loss(model.model, model.guide, x, num_data=n, **condition) / n
 
 
@@ -444,7 +460,7 @@ class VAE(AutoencoderMixin, PyroModule):
         """
         weight = _warmed_up_kl_weight(self.config, progress)
         with _kl_weight_set(self, weight):
-            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True))
+            loss = update("model", lambda: _elbo_loss(self, x, progress.num_data, training=True, batch_mean=update.batch_mean))
         return {"loss": loss, "kl_weight": weight}
 
     def validation_loss(self, x: Tensor) -> Tensor:

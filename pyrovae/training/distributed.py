@@ -21,6 +21,12 @@ the group has a CPU backend (gloo, or ``"cpu:gloo,cuda:nccl"`` as :func:`init_fr
 on GPUs), else on the current CUDA device. :func:`cpu_group` gives a group for small CPU-side
 messages (the Trainer's per-step stop flag) that never waits for a GPU.
 
+**Statistics of a global batch.** A loss that is a mean over the batch of per-image terms splits
+over the shards: each rank's gradient of its shard's mean, weighted by its share of the batch and
+summed (the Trainer does that), is one process's gradient. A loss that is a non-linear function of
+a mean over the batch (free bits' floor on the batch's KL, a sparse autoencoder's penalty on the
+batch's mean activation) does not: it needs that mean of the whole batch, :func:`batch_mean`.
+
 **Threads.** On CPUs, each of ``W`` processes on a machine should use about ``cores / W``
 threads: torchrun sets ``OMP_NUM_THREADS=1`` for each process unless it is set already, so say
 ``OMP_NUM_THREADS=4 torchrun --nproc_per_node=2 -m pyrovae train ...`` on 8 cores.
@@ -41,7 +47,7 @@ from ..errors import InputError
 
 __all__ = [
     "is_initialized", "is_distributed", "rank", "world_size", "is_main", "shard_bounds", "rank_seed", "env_world_size", "init_from_env",
-    "destroy", "cpu_group", "all_reduce_", "broadcast_", "all_sum", "all_mean", "all_max", "any_rank", "all_gather_objects",
+    "destroy", "cpu_group", "all_reduce_", "broadcast_", "batch_mean", "all_sum", "all_mean", "all_max", "any_rank", "all_gather_objects",
 ]
 
 #: the environment variables torchrun sets for each process, read by :func:`init_from_env`
@@ -150,13 +156,16 @@ def destroy() -> None:
 
 
 def cpu_group():
-    """A group of every rank that takes CPU tensors: the default group when one of its backends is for
-    the CPU (gloo, ``"cpu:gloo,cuda:nccl"``), else a new gloo group (then this is a collective call).
-    ``None`` without a group of several processes."""
-    if not is_distributed():
+    """The group of every rank to pass to collectives of CPU tensors: ``None``, torch.distributed's name for the
+    default group, when one of its backends is for the CPU (gloo, ``"cpu:gloo,cuda:nccl"``), else a new gloo
+    group (then this is a collective call). ``None`` too without a group of several processes.
+
+    Why not the default group's object: a holder of it (a Trainer) could keep it alive after
+    ``destroy_process_group`` until the interpreter exits (in a reference cycle, say), and a gloo group
+    that lives that long aborts the process at exit ("terminate called without an active exception").
+    """
+    if not is_distributed() or "cpu" in str(dist.get_backend_config()):
         return None
-    if "cpu" in str(dist.get_backend_config()):
-        return dist.group.WORLD
     return dist.new_group(backend="gloo")
 
 
@@ -217,6 +226,35 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0, group=None) -> Sequence[
                 part.copy_(flat[offset : offset + part.numel()].view_as(part))
                 offset += part.numel()
     return tensors
+
+
+class _BatchMean(torch.autograd.Function):
+    """The share-weighted sum over the ranks of ``local`` forward; the identity backward (no collective there)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, share: float, group) -> Tensor:
+        return all_reduce_([local * share], group=group)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
+def batch_mean(local: Tensor, share: float, group=None) -> Tensor:
+    """The mean over the global batch of a statistic whose mean over this rank's shard is ``local`` (any shape),
+    this rank holding ``share`` of the batch's images: ``sum_r share_r * local_r``, the same value on every rank
+    (a collective call). One process gets ``local`` itself back.
+
+    The gradient flows into this rank's ``local`` alone, unchanged, as if the result were ``local``: a
+    loss ``f(batch_mean(local_r))`` on rank r has the gradient ``f'(mean) * d local_r``, and the sum over
+    the ranks of these gradients, each weighted by its ``share_r`` (as the Trainer averages gradients), is
+    ``f'(mean) * d mean``: one process's gradient of ``f(mean)`` on the whole batch. (An all-reduce
+    differentiated as one, :func:`torch.distributed.nn.functional.all_reduce`, would all-reduce the
+    gradients in backward too: with that weighting, ``W * share_r`` times the gradient, wrong for uneven shards.)
+    """
+    if not is_distributed():
+        return local
+    return _BatchMean.apply(local, float(share), group)
 
 
 # --------------------------------------------------------------------------- Python numbers

@@ -35,9 +35,12 @@ and ``batch_size`` is the global batch. Every rank draws the same permutation (a
 noise) for the whole global batch and trains on its contiguous shard of it, labels sliced alike;
 after each backward the gradients are averaged across ranks, each rank's weighted by its share of
 the batch, so the optimizers step on the gradient of the global batch's mean loss, uneven last
-batches included (every global batch must hold at least ``W`` images). ``Progress.num_data``
-stays the dataset's size. The step's figures, validation and test losses are reduced across
-ranks the same way, so the history is that of whole batches. Only rank 0 writes the run folder;
+batches included (every global batch must hold at least ``W`` images). A loss that is a non-linear
+function of a mean over the batch (free bits, a sparse autoencoder's penalty) takes that mean of
+the whole batch from ``update.batch_mean``, whose gradient composes with this averaging.
+``Progress.num_data`` stays the dataset's size. The step's figures are reduced across ranks the
+same way; validation and test losses are scored in the very batches one process scores, each rank
+taking every ``W``-th, so the history is that of whole batches. Only rank 0 writes the run folder;
 a new run copies rank 0's weights to every rank, and seeds torch's global RNG with
 :func:`~.distributed.rank_seed` (``seed`` itself on rank 0), so the draws inside a step (a VAE's z,
 dropout) are independent across shards: unlike the data, they are not those of one process.
@@ -168,6 +171,11 @@ class _Updater:
         optimizer.step()
         return loss
 
+    def batch_mean(self, local: Tensor) -> Tensor:
+        """The global batch's mean of a statistic, from ``local``, its mean over this rank's shard (see
+        :func:`.distributed.batch_mean`: its gradient composes with the averaging of :meth:`_average`)."""
+        return distributed.batch_mean(local, self.share) if self.parallel else local
+
     def _average(self, group: str, loss: Tensor) -> Tensor:
         """Make every gradient of ``group`` the global batch's, on every rank; return the global batch's loss.
 
@@ -290,7 +298,7 @@ class Trainer:
         self._received: int | None = None  # (W > 1) a signal this rank received, not yet agreed
         self._checked_data = None  # what _check_data last accepted
         self._ranks = (0, 1)  # (rank, world size) of the current fit, from torch.distributed
-        self._cpu_group = None  # the process group of the per-step flags (W > 1), made by the first fit
+        self._cpu_group = None  # the group of the per-step flags (W > 1): None, the default group, unless that is NCCL alone
 
     # ------------------------------------------------------------------ public
 
@@ -460,7 +468,8 @@ class Trainer:
             )
 
     def _check_labels(self, splits: dict) -> None:
-        """Labels of every split with images for a conditional model, none for another; each checked by the model."""
+        """Labels of every split with images the model requires them for (:meth:`~pyrovae.models.base.TrainableModel.requires_labels`),
+        each checked by the model."""
         model = self.model
         for name, (images, labels) in splits.items():
             if images is None:
@@ -471,8 +480,8 @@ class Trainer:
                     model.check_labels(labels, len(images))
                 except InputError as error:
                     raise InputError(f"{name}_labels: {error}") from None
-            elif model.conditional:
-                raise InputError(f"a {type(model).__name__} is conditional, it models images given their labels: pass {name}_labels")
+            elif model.requires_labels(name):
+                raise InputError(f"a {type(model).__name__} needs the labels of its {name} images: pass {name}_labels")
 
     def _phases(self) -> list[Phase]:
         """The model's phases that have epochs to run."""
@@ -671,15 +680,16 @@ class Trainer:
     def _validate(self, val: ImageSet, labels: Tensor | None) -> float:
         """Loss per example on ``val`` (with its ``labels``, for a conditional model) in eval mode.
 
-        With ``W > 1`` ranks each scores its contiguous shard of ``val`` and the sums are all-reduced.
+        With ``W > 1`` ranks, rank ``r`` scores batches ``r, r + W, ...`` of the very batches one process
+        scores (a loss that depends on its batch, as a sparse autoencoder's penalty does, is then one
+        process's), and the sums are all-reduced.
         """
         model = self.model
         model.eval()
         total = 0.0
         rank, world = self._ranks
-        lo, hi = distributed.shard_bounds(len(val), rank, world)  # all of val for one process
-        if world == 1 or hi > lo:
-            for batch in batches(val.select(slice(lo, hi)), self.config.batch_size, shuffle=False, labels=None if labels is None else labels[lo:hi]):
+        for index, batch in enumerate(batches(val, self.config.batch_size, shuffle=False, labels=labels)):
+            if index % world == rank:
                 x, given = _labelled(batch)
                 total = total + model.validation_loss(x, **given) * len(x)
         model.train()
