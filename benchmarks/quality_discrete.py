@@ -145,7 +145,7 @@ def train(row: str, schedule: Schedule, folder: Path, data, device):
 
 def accuracy(row: str, model, data) -> float:
     """The row's accuracy in %: M2's q(y|x) against the test labels, the mixture's clusters matched to them."""
-    predicted = predict_classes(model, data.test).cpu()
+    predicted = predict_classes(model, data.test[:]).cpu()
     labels = data.test_labels.cpu()
     if ROWS[row].model == "m2":
         return 100 * (predicted == labels).double().mean().item()
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     score = accuracy(args.row, model, data)
-    value = nll(model, data.test, schedule.nll_samples, folder)
+    value = nll(model, data.test[:], schedule.nll_samples, folder)
     spec = ROWS[args.row]
     result = {
         "row": args.row,

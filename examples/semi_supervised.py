@@ -99,7 +99,7 @@ def main():
     torch.manual_seed(args.seed)
     mixture = BernoulliMixture(10, 28 * 28).to(device)
     history = Trainer(mixture, dataclasses.replace(training, lr=0.03)).fit(data.train, val=data.test, dynamic_binarization=True)
-    clusters = mixture.clusters(data.test)
+    clusters = mixture.clusters(data.test[:])
     print(f"Bernoulli mixture, 10 components: test log p(x) {-history[-1]['val_loss']:.2f} nats (exact), "
           f"clustering accuracy {clustering_accuracy(clusters.cpu(), data.test_labels.cpu()):.3f}")
 

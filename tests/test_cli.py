@@ -423,10 +423,10 @@ def test_skipped_files_are_listed_in_the_run_folder(photo_folder, tmp_path, caps
 def test_compare_trains_every_model_on_an_array_file(tmp_path):
     np = pytest.importorskip("numpy")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, size=(48, 3, 8, 8), dtype=np.uint8), y=np.arange(48) % 3)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, size=(48, 3, 8, 8), dtype=np.uint8), y=np.arange(48) % 10)
     folder = tmp_path / "compare"
     models = ",".join(name for name in cli.COMPARABLE)
-    assert main(["compare", "--data", str(tmp_path / "d.npz"), "--models", models, "--num-samples", "3", "--out", str(folder), *TINY]) == 0
+    assert main(["compare", "--data", str(tmp_path / "d.npz"), "--models", models, "--labels", "20", "--num-samples", "3", "--out", str(folder), *TINY]) == 0
     rows = json.loads((folder / "comparison.json").read_text())
     assert [row["model"] for row in rows] == list(cli.COMPARABLE) and all(math.isfinite(row["mse"]) for row in rows)
 

@@ -132,8 +132,8 @@ def test_svi_with_trace_enum_elbo_trains_it(mnist):
 
 def test_short_training_clusters_above_chance(mnist):
     model = make(network=tiny_network(latent_dim=10))
-    Trainer(model, config(epochs=20, lr=3e-3)).fit(mnist.train.bernoulli())
-    clusters = predict_classes(model.eval(), mnist.test)
+    Trainer(model, config(epochs=20, lr=3e-3)).fit(mnist.train[:].bernoulli())
+    clusters = predict_classes(model.eval(), mnist.test[:])
     assert clustering_accuracy(clusters, mnist.test_labels) > 0.25  # one cluster for all: 0.12 (the largest class)
     assert len(clusters.unique()) >= 5
 
@@ -173,7 +173,7 @@ def test_an_interrupted_mixture_run_resumes_bit_for_bit(tmp_path, mnist, monkeyp
 def test_evaluate_reports_the_clustering_accuracy(mnist):
     model = make().eval()
     results = evaluate(model, mnist, num_samples=3)
-    assert results["cluster_accuracy"] == pytest.approx(clustering_accuracy(predict_classes(model, mnist.test), mnist.test_labels))
+    assert results["cluster_accuracy"] == pytest.approx(clustering_accuracy(predict_classes(model, mnist.test[:]), mnist.test_labels))
     assert "accuracy" not in results
 
 

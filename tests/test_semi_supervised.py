@@ -231,9 +231,9 @@ def test_short_training_with_few_labels_classifies_above_chance(mnist):
     """300 images, 100 of them labelled, 15 epochs: q(y|x) well above chance on 300 held-out images (33% measured)."""
     labels = _masked(mnist.train_labels, balanced_label_draw(mnist.train_labels, 100, K, seed=0))
     model = make()
-    before = (model.classify(mnist.test) == mnist.test_labels).float().mean().item()
-    history = Trainer(model, config(epochs=15, lr=3e-3)).fit(mnist.train.bernoulli(), train_labels=labels)
-    accuracy = (model.classify(mnist.test) == mnist.test_labels).float().mean().item()
+    before = (model.classify(mnist.test[:]) == mnist.test_labels).float().mean().item()
+    history = Trainer(model, config(epochs=15, lr=3e-3)).fit(mnist.train[:].bernoulli(), train_labels=labels)
+    accuracy = (model.classify(mnist.test[:]) == mnist.test_labels).float().mean().item()
     assert accuracy > 0.25 and accuracy > before + 0.1  # chance: 0.1; the largest class: 0.12
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -242,10 +242,10 @@ def test_the_trainer_refuses_m2_without_training_labels_before_writing_anything(
     """The training split needs labels (-1 for each unlabelled image); validation and test images do not."""
     out = tmp_path / "run"
     with pytest.raises(InputError, match="train_labels"):
-        Trainer(make(), config(epochs=1), out_dir=out).fit(mnist.train.bernoulli())
+        Trainer(make(), config(epochs=1), out_dir=out).fit(mnist.train[:].bernoulli())
     assert not out.exists() or not any(out.iterdir())
     labels = _masked(mnist.train_labels, balanced_label_draw(mnist.train_labels, 100, K, seed=0))
-    history = Trainer(make(), config(epochs=1)).fit(mnist.train.bernoulli(), val=mnist.test[:50].bernoulli(), train_labels=labels)
+    history = Trainer(make(), config(epochs=1)).fit(mnist.train[:].bernoulli(), val=mnist.test[:50].bernoulli(), train_labels=labels)
     assert history[-1]["val_loss"] is not None
 
 
@@ -285,10 +285,10 @@ def test_an_interrupted_m2_run_resumes_bit_for_bit(tmp_path, mnist, monkeypatch)
 def test_evaluate_reports_accuracy_and_figures_draw(mnist, tmp_path):
     model = make().eval()
     results = evaluate(model, mnist, num_samples=3)
-    predicted = model.classify(mnist.test)
+    predicted = model.classify(mnist.test[:])
     assert results["accuracy"] == pytest.approx((predicted == mnist.test_labels).double().mean().item())
     assert results["nll"] < -results["elbo"]  # y summed inside each weight: tighter than the enumerated ELBO
-    figure = plots.analogies(model, mnist.test, n=5, path=tmp_path / "a.png")
+    figure = plots.analogies(model, mnist.test[:], n=5, path=tmp_path / "a.png")
     assert (tmp_path / "a.png").exists() and figure.axes
     assert model.analogies(mnist.test[:5]).shape == (K, 5, 1, 28, 28)
 
