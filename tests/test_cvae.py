@@ -152,7 +152,7 @@ def test_bad_labels_raise_input_error(mnist):
         CVAEConfig(num_classes=0)
 
     train, labels = mnist.train[:64], mnist.train_labels[:64]
-    with pytest.raises(InputError, match="CVAE is conditional.*pass train_labels"):
+    with pytest.raises(InputError, match="CVAE needs the labels of its train images: pass train_labels"):
         Trainer(model, config()).fit(train)
     with pytest.raises(InputError, match="pass val_labels"):
         Trainer(model, config()).fit(train, val=train, train_labels=labels)
