@@ -33,8 +33,8 @@ from pyrovae.devices import resolve_device
 from pyrovae.errors import InputError
 from pyrovae.evaluation import log_likelihood, test_elbo
 from pyrovae.models import (
-    AAE, AE, CVAE, VAE, AAEConfig, AEConfig, CVAEConfig, HierarchicalVAE, HierarchicalVAEConfig, SparseAE, SparseAEConfig, StackedAE,
-    StackedAEConfig, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig,
+    AAE, AE, CVAE, VAE, AAEConfig, AEConfig, CVAEConfig, HierarchicalVAE, HierarchicalVAEConfig, M2Config, SemiSupervisedVAE, SparseAE,
+    SparseAEConfig, StackedAE, StackedAEConfig, TwoLayerVAE, TwoLayerVAEConfig, VAEConfig,
 )
 from pyrovae.models.base import Progress
 from pyrovae.training import Trainer, TrainingConfig, TrainingError, distributed
@@ -47,7 +47,7 @@ WORLD = 2
 #: The sparse AE's penalty is a non-linear function of the batch's mean code, in training and validation.
 CASES = [("ae", 64), ("ae", 75), ("vae", 64), ("cvae", 64), ("stacked", 64), ("sparse", 75)]
 #: the models whose training loss is a non-linear function of a mean over the batch (free bits, the sparse penalty)
-BATCH_STATISTIC_MODELS = ("vae", "vae2", "hierarchical", "cvae", "sparse")
+BATCH_STATISTIC_MODELS = ("vae", "vae2", "hierarchical", "cvae", "m2", "sparse")
 
 
 def make(name: str, free_bits: float = 0.0, latent_dim: int = 4):
@@ -65,6 +65,8 @@ def make(name: str, free_bits: float = 0.0, latent_dim: int = 4):
         return StackedAE(StackedAEConfig(network=network))
     if name == "sparse":
         return SparseAE(SparseAEConfig(network=network, sparsity_weight=10.0))
+    if name == "m2":
+        return SemiSupervisedVAE(M2Config(network=network, alpha=1.0))
     if name == "aae":
         return AAE(AAEConfig(network=network))
     return CVAE(CVAEConfig(network=network, free_bits=free_bits))
@@ -121,9 +123,14 @@ def contested_batch(name: str, pool, labels) -> dict:
 
     free bits: the 5 images of lowest KL at the first latent site (shard 0) and the 4 of highest (shard 1), and a
     floor between the two shards' mean KL, below the whole batch's: the floor binds on shard 0 alone.
+    M2: 1 labelled image in shard 0, 3 in shard 1: the mean of the labelled images' -log q(y|x) is not the shards' mean.
     the sparse AE: the 5 images of lowest mean code and the 4 of highest, the penalty being convex in the batch's mean.
     """
     latent_dim = 16
+    if name == "m2":
+        labels = labels[:9].clone()
+        labels[[1, 2, 3, 4, 8]] = -1
+        return {"name": name, "latent_dim": latent_dim, "x": pool[:9], "labels": labels, "free_bits": 0.0}
     model = make(name, latent_dim=latent_dim)
     with torch.no_grad():
         if name == "sparse":
@@ -149,7 +156,7 @@ def one_step(batch: dict) -> tuple[float, dict]:
     optimizers = {group: torch.optim.SGD(params, lr=0.0) for group, params in model.parameter_groups().items()}
     update = _Updater(optimizers, grad_clip=None, skip_nonfinite=False, parallel=distributed.is_distributed())
     update.share = (hi - lo) / len(x)
-    given = {"y": labels[lo:hi]} if model.conditional else {}
+    given = {"y": labels[lo:hi]} if model.requires_labels("train") else {}
     loss = model.training_step(x[lo:hi], update, Progress(num_data=300), **given)["loss"]
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return distributed.all_sum(float(loss) * update.share), grads
@@ -317,7 +324,7 @@ def test_two_processes_train_to_one_process_parameters(tmp_path, mnist, monkeypa
 
 
 def test_two_shards_compute_free_bits_and_the_sparse_penalty_on_the_whole_batch(tmp_path, mnist, monkeypatch):
-    """Free bits (VAE, two-layer VAE, hierarchical VAE, CVAE) and the sparse AE's penalty are non-linear functions of a mean over the
+    """Free bits (VAE, two-layer VAE, hierarchical VAE, CVAE), M2's classification term and the sparse AE's penalty are non-linear functions of a mean over the
     batch: on two shards (5 and 4 images) of a 9-image batch chosen so that the shards' means fall on either side of
     the floor (or far apart), the whole batch's loss and the gradients the optimizers step on are one process's."""
     monkeypatch.setattr(pyro_dist.Normal, "rsample", rsample_without_rng)

@@ -92,23 +92,37 @@ def test_the_enumerated_elbo_is_the_hand_sum_over_classes_weighted_by_q(images):
     assert loss.item() == pytest.approx(-hand.item(), rel=1e-5)
 
 
+class RecordingUpdate:
+    """The update of one process that keeps each loss it computes and steps nothing (``batch_mean`` is the identity)."""
+
+    def __init__(self):
+        self.losses = []
+
+    def __call__(self, group, compute):
+        self.losses.append(compute())
+        return self.losses[-1].detach()
+
+    def batch_mean(self, local):
+        return local
+
+
 def test_a_step_mixes_the_batch_as_the_docs_say(images):
     """loss = (sum of the labelled images' -ELBO(x, y) + sum of the others' -ELBO(x)) / B + alpha * mean CE of the labelled."""
     model = make(alpha=0.7)
     x = images[:8].bernoulli()
     y = torch.tensor([2, UNLABELLED, UNLABELLED, 7, UNLABELLED, UNLABELLED, UNLABELLED, 0])
-    got = []
+    got = RecordingUpdate()
     pyro.set_rng_seed(5)
-    model.training_step(x, lambda group, compute: got.append(compute()) or got[-1].detach(), Progress(num_data=1000), y=y)
+    model.training_step(x, got, Progress(num_data=1000), y=y)
     elbo = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
     labelled = y >= 0
     pyro.set_rng_seed(5)
     expected = elbo.differentiable_loss(model.model, model.guide, x[labelled], y=y[labelled], num_data=1000) / 1000 * 3 / 8
     expected = expected + elbo.differentiable_loss(model.model, model.guide, x[~labelled], num_data=1000) / 1000 * 5 / 8
     expected = expected + 0.7 * F.cross_entropy(model.classifier(x[labelled]), y[labelled])
-    assert got[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.losses[0].item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(InputError, match="pass train_labels, -1 for each image without a label"):
-        model.training_step(x, lambda group, compute: compute(), Progress(num_data=1000))
+        model.training_step(x, got, Progress(num_data=1000))
 
 
 # --------------------------------------------------------------------------- the NLL with y summed out

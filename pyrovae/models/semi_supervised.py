@@ -302,33 +302,37 @@ class SemiSupervisedVAE(AutoencoderMixin, PyroModule):
         """Training needs the labels (``-1`` for each unlabelled image); validation and test score log p(x) without them."""
         return split == "train"
 
-    def _split_losses(self, x: Tensor, y: Tensor | None, num_data: int | None) -> tuple[Tensor, Tensor | None]:
+    def _split_losses(self, x: Tensor, y: Tensor | None, num_data: int | None) -> tuple[Tensor, Tensor]:
         """The negative ELBO of the batch ``x: (B, C, H, W)`` summed over images and divided by B (labelled images
-        with y observed, the others with y enumerated), and the mean ``-log q(y|x)`` of the labelled ones (``None`` without)."""
+        with y observed, the others with y enumerated), and ``(sum of -log q(y|x) over the labelled images, their
+        count) / B``, a ``(2,)`` tensor whose ratio is their mean ``-log q(y|x)``."""
         n = len(x)
         labelled = torch.zeros(n, dtype=torch.bool, device=x.device) if y is None else y >= 0
-        loss, classification = 0.0, None
+        loss = torch.zeros((), device=x.device)
         count = int(labelled.sum())
+        classification = torch.zeros((), device=x.device)
         if count:
             x_l, y_l = x[labelled], y[labelled]
             loss = loss + enumerated_loss(self, x_l, num_data, y=y_l) * (count / n)
-            classification = F.cross_entropy(self.class_logits(x_l), y_l)
+            classification = F.cross_entropy(self.class_logits(x_l), y_l, reduction="sum")
         if count < n:
             x_u = x if count == 0 else x[~labelled]
             loss = loss + enumerated_loss(self, x_u, num_data) * ((n - count) / n)
-        return loss, classification
+        return loss, torch.stack([classification, torch.tensor(float(count), device=x.device)]) / n
 
     def training_step(self, x: Tensor, update: Update, progress: Progress, y: Tensor | None = None) -> dict[str, Tensor | float]:
         """One step of M2's objective on ``x: (B, C, H, W)`` and its labels ``y: (B,)`` (``-1``: unlabelled), the batch
         standing for ``progress.num_data`` images (see the module docs). Figures: ``loss`` (per image, the ELBO's
-        part plus ``alpha`` times the labelled images' mean ``-log q(y|x)``) and ``kl_weight``."""
+        part plus ``alpha`` times the labelled images' mean ``-log q(y|x)``) and ``kl_weight``. Under torch.distributed
+        the labelled images' mean is over the whole batch (``update.batch_mean``), as one process computes it."""
         if y is None:
             raise InputError("M2 learns from labelled and unlabelled images: pass train_labels, -1 for each image without a label")
         weight = _warmed_up_kl_weight(self.config, progress)
 
         def loss():
-            elbo_part, classification = self._split_losses(x, y, progress.num_data)
-            return elbo_part if classification is None else elbo_part + self.config.alpha * classification
+            elbo_part, labelled = self._split_losses(x, y, progress.num_data)
+            cross_entropy_sum, count = update.batch_mean(labelled)  # per image of the global batch
+            return elbo_part if count == 0 else elbo_part + self.config.alpha * cross_entropy_sum / count
 
         with _kl_weight_set(self, weight):
             value = update("model", loss)
