@@ -399,6 +399,22 @@ def test_mid_epoch_interrupt_and_resume_is_bitwise(tmp_path, train, val, options
     assert without_seconds(history) == without_seconds(expected)
 
 
+def test_a_sigterm_while_the_first_checkpoint_is_written_stops_at_the_first_step(tmp_path, train, monkeypatch):
+    """The handlers are in place before a new run writes its first files: a SIGTERM then is a request to stop
+    (a checkpoint after the first step), not the end of the process."""
+    write_files = Trainer._write_files
+
+    def write_files_and_signal(self):
+        write_files(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_write_files", write_files_and_signal)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 1 of train epoch 1"):
+        Trainer(vae(), config(), out_dir=tmp_path / "run", model_name="vae").fit(train)
+    position = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["position"]
+    assert (position["epoch"], position["step"]) == (0, 1)
+
+
 def test_fit_in_another_thread_leaves_signals_alone(train):
     before = signal.getsignal(signal.SIGINT)
     seen, errors = [], []

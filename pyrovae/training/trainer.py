@@ -350,23 +350,24 @@ class Trainer:
         )
         if self._ranks[1] > 1:
             self._check_same_data(train, val, test)
-        if self._pending is not None:
-            self._restore(self._pending, len(train), dynamic_binarization)
-            self._pending = None
-            if self._pos.done:
-                return [dict(row) for row in self.history]
-        else:
-            self._start(len(train), dynamic_binarization)
-        tensorboard = self.folder.tensorboard() if self.folder is not None and self._main else nullcontext()
-        with self._catch_signals(), tensorboard, pyro.validation_enabled(False):
-            self.model.train()
-            while not self._pos.done:
-                self._train_epoch(train, train_labels, dynamic_binarization)
-                self._end_epoch(val, test)
-                if self._ranks[1] > 1:
-                    self._agree()  # a signal on any rank during the epoch's end stops every rank
-                if self._signal is not None:
-                    self._interrupt()
+        with self._catch_signals():  # from before the first checkpoint: a signal while it is written stops at the first step
+            if self._pending is not None:
+                self._restore(self._pending, len(train), dynamic_binarization)
+                self._pending = None
+                if self._pos.done:
+                    return [dict(row) for row in self.history]
+            else:
+                self._start(len(train), dynamic_binarization)
+            tensorboard = self.folder.tensorboard() if self.folder is not None and self._main else nullcontext()
+            with tensorboard, pyro.validation_enabled(False):
+                self.model.train()
+                while not self._pos.done:
+                    self._train_epoch(train, train_labels, dynamic_binarization)
+                    self._end_epoch(val, test)
+                    if self._ranks[1] > 1:
+                        self._agree()  # a signal on any rank during the epoch's end stops every rank
+                    if self._signal is not None:
+                        self._interrupt()
         return [dict(row) for row in self.history]
 
     @classmethod
