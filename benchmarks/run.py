@@ -207,7 +207,7 @@ TARGETS = (
     ("nll k=5000: peak memory", ("nll", "memory", "peak_rss_bytes"), "<=", 2 * GB, "GB"),
     ("pyrovae train: peak memory", ("memory", "peak_rss_bytes"), "<=", 1.5 * GB, "GB"),
     ("uint8: MNIST epoch, uint8 / float32 path", ("uint8", "ratio"), "<=", 1.05, "x"),
-    ("mmap: peak RssAnon, 4.3 GB file", ("mmap", "peak_rss_anon_bytes"), "<=", 2 * GB, "GB"),
+    ("mmap: peak RssAnon (4.3 GB file; --quick 0.25)", ("mmap", "peak_rss_anon_bytes"), "<=", 2 * GB, "GB"),
     ("mmap: images/s, memory map / in memory", ("mmap", "ratio_to_memory"), ">=", 0.9, "x"),
 )
 
