@@ -113,7 +113,7 @@ def test_eval_reports_an_nll_tighter_than_the_elbo_and_its_protocol(vae_run, cap
     assert results["nll_samples"] == 50 and results["test_images"] == 300
     assert len(results["probe_accuracy_per_class"]) == 10 and all(0 <= v <= 1 for v in results["probe_accuracy_per_class"].values())
     out = capsys.readouterr().out
-    assert "grey levels" in out and "k=50" in out
+    assert "pixel values in [0, 1] (not binarized)" in out and "k=50" in out
     assert "probe accuracy per class: " in out and "{" not in out  # a line of its own, not a dict in the table
 
 

@@ -95,7 +95,7 @@ def test_binarized_runs_are_scored_on_one_fixed_binary_test_set(mnist, mnist_dir
 
 
 def test_grey_level_runs_keep_grey_test_images(mnist):
-    assert mnist.binarization is None and "grey levels" in mnist.protocol
+    assert mnist.binarization is None and "pixel values in [0, 1] (not binarized)" in mnist.protocol
     assert len(mnist.test[:].unique()) > 2
 
 

@@ -113,7 +113,7 @@ class ImageData:
     def protocol(self) -> str:
         """How the test images were made, in words: what an evaluation of this data measures."""
         if self.binarization is None:
-            return "grey levels in [0, 1] (not binarized)"
+            return "pixel values in [0, 1] (not binarized)"
         return (f"{self.binarization} binarization; test and validation images binarized once with seed "
                 f"{EVAL_BINARIZATION_SEED}")
 
