@@ -352,12 +352,23 @@ def _network_config(args, image_shape, model: str | None = None) -> NetworkConfi
     )
 
 
-def _model_config(name: str, network: NetworkConfig, options: dict):
-    """The config of model ``name`` with ``network`` and ``options`` (fields of it); an option it lacks is an error."""
+def _num_classes(data) -> int:
+    """The classes of ``data``'s labels: one per class name (a folder's subfolders, torchvision's ``classes``), else
+    up to the largest label."""
+    if data.class_names is not None:
+        return len(data.class_names)
+    return int(data.train_labels.max()) + 1
+
+
+def _model_config(name: str, network: NetworkConfig, options: dict, data):
+    """The config of model ``name`` with ``network`` and ``options`` (fields of it); an option it lacks is an error.
+    A model of classes (cvae, m2) has as many as ``data``'s labels."""
     config_class = MODELS[name][1]
     unused = [flag for flag, field in MODEL_OPTIONS.items() if field in options and field not in _fields(config_class)]
     if unused:
         raise InputError(f"--model {name} takes no {' or '.join(unused)}")
+    if "num_classes" in _fields(config_class) and data.train_labels is not None:
+        options = {**options, "num_classes": _num_classes(data)}
     return config_class(network=network, **options)
 
 
@@ -399,7 +410,7 @@ def _saved_options(saved: dict) -> dict:
         "data": data.get("source"), "test_data": data.get("test"), "test_fraction": data.get("test_fraction"),
         "image_size": data.get("image_size"), "channels": data.get("channels"), "skip_unreadable": data.get("skip_unreadable", False),
         "cache_dir": data.get("cache_dir"), "storage": data.get("storage", "auto"),
-        "hidden": tuple(network["hidden"]), "latent_dim": network["latent_dim"], "conv": network["conv"],
+        "hidden": tuple(network["hidden"]), "latent_dim": network["latent_dim"], "conv": network["conv"], "conv_depth": network.get("conv_depth"),
         "activation": network["activation"], "dropout": network["dropout"],
         "batch_size": training["batch_size"], "lr": training["lr"], "optimizer": training["optimizer"],
         "weight_decay": training["weight_decay"], "lr_schedule": training["lr_schedule"] or "none",
@@ -491,10 +502,9 @@ def _label_draw(name: str, num_labels: int | None, data, seed: int) -> dict | No
         return None
     if num_labels is None:
         raise InputError("m2 learns from labelled and unlabelled images: say how many training labels to keep with --labels N")
-    classes = MODELS[name][1]().num_classes
     if data.train_labels is None:
         raise InputError(f"{data.name} has no labels to keep")
-    indices = balanced_label_draw(data.train_labels, num_labels, classes, seed)
+    indices = balanced_label_draw(data.train_labels, num_labels, _num_classes(data), seed)
     return {"count": num_labels, "seed": seed, "indices": indices.tolist()}
 
 
@@ -616,7 +626,7 @@ def cmd_train(args) -> None:
         data = _load_data(options, device, progress=not args.no_progress)
         _check_labelled([args.model], data)
         model_options = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if hasattr(args, field)}
-        config = _model_config(args.model, _network_config(args, data.image_shape, args.model), model_options)
+        config = _model_config(args.model, _network_config(args, data.image_shape, args.model), model_options, data)
         draw = _label_draw(args.model, args.labels, data, args.seed)
         torch.manual_seed(args.seed)  # the initial weights follow --seed too
         model = build_model(args.model, config).to(device)
@@ -725,7 +735,7 @@ def cmd_compare(args) -> None:
             model = PCA(network.latent_dim).fit(data.train)
         else:
             torch.manual_seed(args.seed)  # every model starts from weights drawn with --seed
-            model = build_model(name, _model_config(name, network, {})).to(device)
+            model = build_model(name, _model_config(name, network, {}, data)).to(device)
             metadata = {"data": options, "eval_images": 0, **({"labels": draws[name]} if draws.get(name) else {})}
             trainer = Trainer(model, training, out_dir=folder / name, model_name=name, metadata=metadata)
             trainer.fit(data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, **_fit_labels(model, data, draw=draws.get(name)))

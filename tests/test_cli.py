@@ -518,3 +518,27 @@ def test_a_run_on_your_own_images_resumes_and_extends(photo_folder, tmp_path, ca
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(folder), "--epochs", "3", "--image-size", "16", "--no-progress"]) == 2
     assert "--image-size 16 (the run's: 8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, extra", [("m2", ["--labels", "4"]), ("cvae", [])])
+def test_models_of_classes_take_as_many_as_the_folders(photo_folder, tmp_path, model, extra):
+    """Two class folders: the CVAE and M2 have two classes (not MNIST's 10), and M2 keeps 2 labels of each."""
+    folder = tmp_path / "run"
+    argv = ["train", "--model", model, *extra, "--data", str(photo_folder), "--image-size", "8", "--cache-dir", str(tmp_path / "c"),
+            "--out", str(folder), *TINY]
+    assert main(argv) == 0
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_config"]["num_classes"] == 2
+    if model == "m2":
+        assert len(saved["metadata"]["labels"]["indices"]) == 4
+
+
+def test_resume_takes_a_conv_depth_that_matches_the_run(photo_folder, tmp_path, capsys):
+    folder = tmp_path / "run"
+    argv = ["train", "--data", str(photo_folder), "--image-size", "16", "--conv", "--conv-depth", "1", "--cache-dir", str(tmp_path / "c"),
+            "--out", str(folder), *TINY]
+    assert main(argv) == 0
+    assert main(["train", "--resume", "--out", str(folder), "--epochs", "2", "--conv-depth", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(folder), "--epochs", "3", "--conv-depth", "2", "--no-progress"]) == 2
+    assert "--conv-depth 2 (the run's: 1)" in capsys.readouterr().err

@@ -333,3 +333,17 @@ def test_the_command_line_trains_evaluates_and_refuses_bad_labels(tmp_path, mnis
     assert main(["eval", str(folder), "--num-samples", "5"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo"))
     assert "| nll | accuracy |" in header
+
+
+def test_m2_builds_its_networks_as_the_network_config_and_likelihood_say():
+    """The conv depth reaches the classifier, q(z|x, y) and p(x|y, z) alike, and a likelihood with two parameters per
+    value (the discretized logistic) gets a decoder that outputs them."""
+    network = NetworkConfig(input_shape=(3, 32, 32), conv=True, conv_depth=3, latent_dim=4)
+    model = make(network=network, likelihood="discretized_logistic")
+    strided = [sum(1 for m in part.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.stride == (2, 2))
+               for part in (model.classifier, model.encoder, model.decoder)]
+    assert strided == [3, 3, 3]
+    x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 255
+    with torch.no_grad():
+        assert model.decoder(model.decoder_input(torch.zeros(2, 4), torch.tensor([0, 1]))).shape == (2, 6, 32, 32)
+    assert math.isfinite(model.elbo.loss(model.model, model.guide, x, y=torch.tensor([0, 1])))

@@ -98,7 +98,8 @@ class CVAEConfig(VAEConfig):
 
 
 def _conditional_encoder(config: CVAEConfig, context_dim: int):
-    """The shared encoder of ``config.network`` widened for the one-hot label: ``D + K`` inputs (MLP) or
+    """The shared encoder of ``config.network`` (a config with ``network`` and ``num_classes``: the CVAE's, M2's)
+    widened for the one-hot label: ``D + K`` inputs (MLP) or
     ``C + K`` channels (conv); returns ``(loc, scale)``, each ``(B, L)``, and a context ``(B, context_dim)`` if any."""
     net, k = config.network, config.num_classes
     options = dict(gaussian=True, dropout=net.dropout, context_dim=context_dim)

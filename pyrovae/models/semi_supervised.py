@@ -60,7 +60,6 @@ with no labels (or all ``-1``) it is the negative ELBO of log p(x), comparable w
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import pyro
@@ -72,10 +71,11 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor
 
 from ..errors import InputError
-from ..likelihoods import make_likelihood
+from ..likelihoods import make_likelihood, outputs_per_value
 from ..nets import ConvEncoder, MLPEncoder, NetworkConfig, build_decoder
 from ..priors import check_prior, make_prior
 from .base import AutoencoderMixin, Progress, Update
+from .cvae import _conditional_encoder
 from .discrete import build_enum_elbo, check_num_classes, enumerated_loss
 from .vae import VAEConfig, _check_likelihood, _claim_name, _declare_parts, _images_plate, _is_int, _kl_weight_set, _scaled, _warmed_up_kl_weight
 
@@ -143,20 +143,10 @@ def balanced_label_draw(labels: Tensor, num_labels: int, num_classes: int, seed:
     return torch.cat(kept).sort().values
 
 
-def _encoder_with_class(network: NetworkConfig, k: int):
-    """The shared encoder of ``network`` widened for a one-hot class: ``D + K`` inputs (MLP) or ``C + K``
-    channels (conv); returns ``(loc, scale)``, each ``(B, L)``."""
-    options = dict(gaussian=True, dropout=network.dropout)
-    if network.conv:
-        c, h, w = network.input_shape
-        return ConvEncoder((c + k, h, w), network.latent_dim, network.activation, **options)
-    return MLPEncoder((math.prod(network.input_shape) + k,), network.latent_dim, network.hidden, network.activation, tanh_init=network.tanh_init, **options)
-
-
 def _classifier(network: NetworkConfig, k: int):
     """q(y|x)'s network: the shared encoder of ``network`` with K outputs, the logits ``(B, K)``."""
     if network.conv:
-        return ConvEncoder(network.input_shape, k, network.activation, dropout=network.dropout)
+        return ConvEncoder(network.input_shape, k, network.activation, depth=network.conv_depth, dropout=network.dropout)
     return MLPEncoder(network.input_shape, k, network.hidden, network.activation, dropout=network.dropout, tanh_init=network.tanh_init)
 
 
@@ -179,9 +169,9 @@ class SemiSupervisedVAE(AutoencoderMixin, PyroModule):
             raise InputError(f"SemiSupervisedVAE needs an M2Config, got {type(config).__name__}")
         net, self.k = config.network, config.num_classes
         self.classifier = _classifier(net, self.k)
-        self.encoder = _encoder_with_class(net, self.k)
-        self.decoder = build_decoder(dataclasses.replace(net, latent_dim=net.latent_dim + self.k))
+        self.encoder = _conditional_encoder(config, 0)  # the CVAE's q(z|x, y) network
         self.likelihood = likelihood if likelihood is not None else make_likelihood(config.likelihood)
+        self.decoder = build_decoder(dataclasses.replace(net, latent_dim=net.latent_dim + self.k), outputs_per_value(self.likelihood))
         self.prior = prior if prior is not None else make_prior(config.prior, net.latent_dim)
         check_prior(self.prior, net.latent_dim)
         self.kl_weight = float(config.beta)
