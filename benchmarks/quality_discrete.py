@@ -1,5 +1,5 @@
 """The models with a discrete latent held against their papers on dynamically binarized MNIST: M2's test
-accuracy with 100 and 1,000 labels (Kingma et al. 2014), the mixture VAE's clustering accuracy, and
+accuracy with 100, 1,000 and 3,000 labels (Kingma et al. 2014), the mixture VAE's clustering accuracy, and
 the test NLL of each, on :mod:`benchmarks.quality`'s footing.
 
 The protocol is quality.py's: dynamically binarized training images, all 10,000 test images binarized
@@ -7,14 +7,16 @@ once with a fixed seed, the importance-sampled NLL with k=5000 (y or c summed ou
 weight), filled in resumable chunks (:func:`benchmarks.quality.nll`). Beside it, each row scores what
 its paper reports: M2 the test accuracy of q(y|x) (the paper gives the error, 100 - accuracy), the
 mixture VAE the accuracy of the best one-to-one matching of its 10 clusters to the labels (Hungarian).
-M2 keeps ``labels`` training labels, balanced across the classes, drawn with seed 0 from the 60,000
-training images (the draw is recorded in the run's config.json); the others are unlabelled.
+M2 keeps ``labels`` training labels, balanced across the classes, drawn with the run's seed from the
+60,000 training images (the draw is recorded in the run's config.json); the others are unlabelled.
 
 The network is Kingma et al.'s M2: one hidden layer of 500 softplus units in each network
 (q(y|x), q(z|x, y), p(x|y, z)), a 50-d code, alpha = 0.1. One command per row::
 
     python benchmarks/quality_discrete.py m2-100       # M2, 100 labels
     python benchmarks/quality_discrete.py m2-1000      # M2, 1,000 labels
+    python benchmarks/quality_discrete.py m2-3000      # M2, 3,000 labels
+    python benchmarks/quality_discrete.py m2-100 --seed 1   # another seed (labels drawn, networks started, batches): m2-100-seed1-cpu
     python benchmarks/quality_discrete.py gmvae        # the mixture VAE, K = 10, no labels
 
 Schedules (:data:`SCHEDULES`): ``cpu`` (Adam 1e-3 with a cosine decay, batch 100; epochs per row in
@@ -40,7 +42,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.quality import MONITOR_IMAGES, code_version, nll  # noqa: E402
+from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name  # noqa: E402
 from pyrovae import plots  # noqa: E402
 from pyrovae.checkpoints import write_text_atomic  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -67,6 +69,7 @@ class Row:
 ROWS = {
     "m2-100": Row("m2", {"alpha": 0.1}, 100, 100 - 11.97, "Kingma et al. 2014, Table 1, M2 (error 11.97 +- 1.71%)"),
     "m2-1000": Row("m2", {"alpha": 0.1}, 1000, 100 - 3.60, "Kingma et al. 2014, Table 1, M2 (error 3.60 +- 0.56%)"),
+    "m2-3000": Row("m2", {"alpha": 0.1}, 3000, 100 - 3.92, "Kingma et al. 2014, Table 1, M2 (error 3.92 +- 0.63%)"),
     "gmvae": Row("gmvae", {"num_components": 10}, None, 94.46, "Jiang et al. 2017 (VaDE), Table 2; VaDE pretrains an autoencoder and fits a GMM to start from, this row does not"),
 }
 NETWORK = NetworkConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(500,), activation="softplus")
@@ -91,18 +94,18 @@ SCHEDULES = {
     # 26 s, a mixture VAE's 4.5 s, so about 160 s and 27 s per epoch of the 60,000 images (M2: 4.4 h for 100
     # epochs, gmvae: 2.3 h for 300); the NLL of the 10,000 test images with k=20 took 90 s (M2) and 12 s, so
     # about 6 h (M2; --nll-samples 1000 for 1.3 h) and 50 min with k=5000
-    "cpu": Schedule(epochs={"m2-100": 100, "m2-1000": 100, "gmvae": 300}, batch_size=100, eval_every=10),
+    "cpu": Schedule(epochs={"m2-100": 100, "m2-1000": 100, "m2-3000": 100, "gmvae": 300}, batch_size=100, eval_every=10),
     "smoke": Schedule(epochs=dict.fromkeys(ROWS, 2), batch_size=50, eval_every=1, nll_samples=50, subset=300, labels={"m2-1000": 200}),
 }
 
 
-def configs(row: str, schedule: Schedule):
-    """The model and training configs of ``row`` under ``schedule``."""
+def configs(row: str, schedule: Schedule, seed: int = 0):
+    """The model and training configs of ``row`` under ``schedule``, trained from ``seed``."""
     spec = ROWS[row]
     model = MODELS[spec.model][1](network=NETWORK, likelihood="bernoulli", **spec.options)
     training = TrainingConfig(
         epochs=schedule.epochs[row], batch_size=schedule.batch_size, lr=schedule.lr, lr_schedule="cosine",
-        eval_every=schedule.eval_every, seed=0, progress=False,
+        eval_every=schedule.eval_every, seed=seed, progress=False,
     )
     return model, training
 
@@ -111,19 +114,20 @@ def labels_kept(row: str, schedule: Schedule) -> int | None:
     return schedule.labels.get(row, ROWS[row].labels)
 
 
-def train(row: str, schedule: Schedule, folder: Path, data, device):
-    """Train ``row`` into ``folder``, or continue its interrupted run there (the label draw read back from the run)."""
+def train(row: str, schedule: Schedule, folder: Path, data, device, seed: int = 0):
+    """Train ``row`` from ``seed`` into ``folder`` (its labels drawn with that seed), or continue its interrupted run
+    there (the label draw read back from the run)."""
     monitor = data.test[:MONITOR_IMAGES]
     if (folder / CHECKPOINT_FILE).exists():
         trainer = Trainer.resume(folder, device=device)
         draw = json.loads((folder / CONFIG_FILE).read_text())["metadata"].get("labels")
     else:
-        model_config, training = configs(row, schedule)
+        model_config, training = configs(row, schedule, seed)
         count = labels_kept(row, schedule)
         draw = None
         if count is not None:
-            indices = balanced_label_draw(data.train_labels, count, model_config.num_classes, seed=0)
-            draw = {"count": count, "seed": 0, "indices": indices.tolist()}
+            indices = balanced_label_draw(data.train_labels, count, model_config.num_classes, seed=seed)
+            draw = {"count": count, "seed": seed, "indices": indices.tolist()}
         torch.manual_seed(training.seed)
         model = build_model(ROWS[row].model, model_config).to(device)
         options = {"name": "mnist", "root": None, "binarize": "dynamic", "val_size": 0, "subset": schedule.subset, "seed": 0}
@@ -160,6 +164,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default=str(REPO / "data"), help="folder holding MNIST (default: the repository's data/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed: its labels, networks, batches and draws (default: 0); a seed "
+                        "other than 0 has its own folder, ROW-seedN-SCHEDULE")
     parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs (a shorter try)")
     parser.add_argument("--subset", type=int, default=None, help="override: images of each split (a shorter try)")
     parser.add_argument("--nll-samples", type=int, default=None, help="override: k of the NLL (a shorter try)")
@@ -173,12 +179,12 @@ def main(argv=None) -> dict:
         schedule = replace(schedule, subset=args.subset)
     if args.nll_samples is not None:
         schedule = replace(schedule, nll_samples=args.nll_samples)
-    folder = args.out or REPO / "runs" / "quality" / f"{args.row}-{args.schedule}"
+    folder = args.out or REPO / "runs" / "quality" / run_name(args.row, args.schedule, args.seed)
     device = resolve_device(args.device)
     data = load_dataset("mnist", root=args.data_dir, device=device, binarize="dynamic", subset=schedule.subset, seed=0)
 
     start = time.perf_counter()
-    model, history = train(args.row, schedule, folder, data, device)
+    model, history = train(args.row, schedule, folder, data, device, args.seed)
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     score = accuracy(args.row, model, data)
@@ -201,8 +207,9 @@ def main(argv=None) -> dict:
         "last_test_bound": -history[-1]["test_loss"] if history and history[-1]["test_loss"] is not None else None,
         "this_call_minutes": (time.perf_counter() - start) / 60,
         "protocol": data.protocol,
-        "model_config": asdict(configs(args.row, schedule)[0]),
-        "training_config": asdict(configs(args.row, schedule)[1]),
+        "seed": args.seed,
+        "model_config": asdict(configs(args.row, schedule, args.seed)[0]),
+        "training_config": asdict(configs(args.row, schedule, args.seed)[1]),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "code": code_version(),

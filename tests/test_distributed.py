@@ -157,7 +157,7 @@ def one_step(batch: dict) -> tuple[float, dict]:
     update = _Updater(optimizers, grad_clip=None, skip_nonfinite=False, parallel=distributed.is_distributed())
     update.share = (hi - lo) / len(x)
     given = {"y": labels[lo:hi]} if model.requires_labels("train") else {}
-    loss = model.training_step(x[lo:hi], update, Progress(num_data=300), **given)["loss"]
+    loss = model.training_step(x[lo:hi], update, Progress(num_data=300, num_labelled=100), **given)["loss"]
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return distributed.all_sum(float(loss) * update.share), grads
 

@@ -15,12 +15,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import quality_discrete  # noqa: E402
+from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.models import SemiSupervisedVAE  # noqa: E402
+from pyrovae.models.semi_supervised import balanced_label_draw  # noqa: E402
 from pyrovae.training import load_model  # noqa: E402
 
 
 def test_rows_follow_the_papers():
-    for row, labels in (("m2-100", 100), ("m2-1000", 1000), ("gmvae", None)):
+    for row, labels in (("m2-100", 100), ("m2-1000", 1000), ("m2-3000", 3000), ("gmvae", None)):
         model, training = quality_discrete.configs(row, quality_discrete.SCHEDULES["cpu"])
         assert model.network.hidden == (500,) and model.network.latent_dim == 50 and model.network.activation == "softplus"
         assert quality_discrete.labels_kept(row, quality_discrete.SCHEDULES["cpu"]) == labels
@@ -32,6 +34,8 @@ def test_rows_follow_the_papers():
 @pytest.mark.parametrize("row", ["m2-100", "gmvae"])
 def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypatch):
     args = [row, "--schedule", "smoke", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu"]
+    seed = 1 if row == "m2-100" else 0  # M2 from another seed: its labels are drawn with it
+    args += ["--seed", str(seed)]
     seen = []
     original = SemiSupervisedVAE.training_step
 
@@ -48,8 +52,12 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
     for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt"):
         assert (tmp_path / name).exists(), name
     metadata = json.loads((tmp_path / "config.json").read_text())["metadata"]
+    assert json.loads((tmp_path / "config.json").read_text())["training_config"]["seed"] == seed and first["seed"] == seed
     if row == "m2-100":
-        assert metadata["labels"]["count"] == 100 and len(metadata["labels"]["indices"]) == 100
+        assert metadata["labels"]["count"] == 100 and metadata["labels"]["seed"] == 1
+        train_labels = load_dataset("mnist", root=mnist_dir, subset=300, seed=0).train_labels
+        assert metadata["labels"]["indices"] == balanced_label_draw(train_labels, 100, 10, seed=1).tolist()
+        assert metadata["labels"]["indices"] != balanced_label_draw(train_labels, 100, 10, seed=0).tolist()
     else:
         assert "labels" not in metadata
     model, state = load_model(tmp_path)

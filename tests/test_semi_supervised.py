@@ -107,22 +107,46 @@ class RecordingUpdate:
 
 
 def test_a_step_mixes_the_batch_as_the_docs_say(images):
-    """loss = (sum of the labelled images' -ELBO(x, y) + sum of the others' -ELBO(x)) / B + alpha * mean CE of the labelled."""
+    """loss = (sum of the labelled images' -ELBO(x, y) + sum of the others' -ELBO(x)) / B + alpha * (N / N_l) * (sum of
+    the labelled images' CE) / B."""
     model = make(alpha=0.7)
     x = images[:8].bernoulli()
     y = torch.tensor([2, UNLABELLED, UNLABELLED, 7, UNLABELLED, UNLABELLED, UNLABELLED, 0])
     got = RecordingUpdate()
     pyro.set_rng_seed(5)
-    model.training_step(x, got, Progress(num_data=1000), y=y)
+    model.training_step(x, got, Progress(num_data=1000, num_labelled=40), y=y)
     elbo = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
     labelled = y >= 0
     pyro.set_rng_seed(5)
     expected = elbo.differentiable_loss(model.model, model.guide, x[labelled], y=y[labelled], num_data=1000) / 1000 * 3 / 8
     expected = expected + elbo.differentiable_loss(model.model, model.guide, x[~labelled], num_data=1000) / 1000 * 5 / 8
-    expected = expected + 0.7 * F.cross_entropy(model.classifier(x[labelled]), y[labelled])
+    expected = expected + 0.7 * (1000 / 40) * F.cross_entropy(model.classifier(x[labelled]), y[labelled], reduction="sum") / 8
     assert got.losses[0].item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(InputError, match="pass train_labels, -1 for each image without a label"):
-        model.training_step(x, got, Progress(num_data=1000))
+        model.training_step(x, got, Progress(num_data=1000, num_labelled=40))
+    with pytest.raises(InputError, match="Progress.num_labelled is 0"):
+        model.training_step(x, got, Progress(num_data=1000), y=y)
+
+
+def test_the_classification_term_is_unbiased_over_the_batches_of_an_epoch(mnist):
+    """Averaged over every batch of an epoch, the step's classification term is alpha times the mean CE of the training
+    set's labelled images, however few batches hold one (the paper's objective); the Trainer counts them."""
+    model = make(alpha=0.5)
+    x = mnist.train[:40].bernoulli()
+    y = torch.full((40,), UNLABELLED)
+    y[[3, 17, 18, 33]] = torch.tensor([1, 4, 4, 9])
+    with torch.no_grad():
+        mean_ce = F.cross_entropy(model.classifier(x[y >= 0]), y[y >= 0]).item()
+        terms = [0.5 * (40 / 4) * model._split_losses(x[i : i + 5], y[i : i + 5], 40)[1].item() for i in range(0, 40, 5)]
+    assert sum(terms) / len(terms) == pytest.approx(0.5 * mean_ce, rel=1e-5)
+    assert sum(t > 0 for t in terms) == 3  # batches 0, 3 and 6 hold the labels
+
+    seen = []
+    original = model.training_step
+    model.training_step = lambda x, update, progress, y=None: (seen.append(progress.num_labelled), original(x, update, progress, y=y))[1]
+    trainer = Trainer(model, TrainingConfig(epochs=1, batch_size=20, progress=False))
+    trainer.fit(x, train_labels=y)
+    assert seen == [4, 4]
 
 
 # --------------------------------------------------------------------------- the NLL with y summed out

@@ -64,11 +64,14 @@ class Progress:
     num_data:    images in the whole training set (across all processes): the ELBO's scale.
     phase:       the name of the current :class:`Phase`.
     epochs_done: epochs of this phase completed before this step, fractional (KL warm-up reads it).
+    num_labelled: images of the whole training set with a label (``>= 0``; -1 marks an unlabelled image), 0 when
+                 the run has no training labels: with ``num_data``, the share of a batch that is labelled on average.
     """
 
     num_data: int
     phase: str = "train"
     epochs_done: float = 0.0
+    num_labelled: int = 0
 
 
 class Update(Protocol):

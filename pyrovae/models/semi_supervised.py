@@ -45,13 +45,17 @@ the bound on -log p(x) with y enumerated (``TraceEnum_ELBO``). ``alpha`` is ``co
 **How a step mixes labelled and unlabelled images.** A step takes the Trainer's batch as it comes,
 a uniform draw of B training images: its labelled images (``y >= 0``) are scored with y observed,
 its unlabelled ones with y enumerated, each image standing for N/B of the training set (the
-plate's minibatch scale), so the two ELBO terms are unbiased estimates of J's; the classification
-term is ``alpha * N`` times the mean of ``-log q(y|x)`` over the batch's labelled images, and is
-absent from a step whose batch holds none. Per image (J / N) the step's loss is therefore
-``(sum over the batch of its -ELBO) / B + alpha * mean_labelled(-log q(y|x))``. With few labels
-many batches hold none (100 labels among 50,000 images: about 40% of batches of 256 hold one), so
-the classification term acts on fewer steps than the ELBO; raise ``alpha`` to compensate. The
-Trainer's loop is untouched: it is the model's step.
+plate's minibatch scale), so the two ELBO terms are unbiased estimates of J's. The classification
+term is unbiased too: each labelled image of the batch stands for N/(B N_l) of ``E_labelled``, with
+N_l the labelled images of the training set (``Progress.num_labelled``). Per image (J / N) the
+step's loss is therefore::
+
+    (sum over the batch of its -ELBO) / B + alpha * (N / N_l) * (sum over its labelled images of -log q(y|x)) / B
+
+With few labels most batches hold none and the few that do weigh more (100 labels among 60,000
+images, batches of 100: 15% of the batches hold one, each weighing 6 times alpha); the
+expectation over batches is the paper's objective whatever the share. The Trainer's loop is
+untouched: it is the model's step.
 
 The validation loss scores the images it is given the same way, without the classification term:
 with no labels (or all ``-1``) it is the negative ELBO of log p(x), comparable with a VAE's.
@@ -294,8 +298,8 @@ class SemiSupervisedVAE(AutoencoderMixin, PyroModule):
 
     def _split_losses(self, x: Tensor, y: Tensor | None, num_data: int | None) -> tuple[Tensor, Tensor]:
         """The negative ELBO of the batch ``x: (B, C, H, W)`` summed over images and divided by B (labelled images
-        with y observed, the others with y enumerated), and ``(sum of -log q(y|x) over the labelled images, their
-        count) / B``, a ``(2,)`` tensor whose ratio is their mean ``-log q(y|x)``."""
+        with y observed, the others with y enumerated), and the sum of ``-log q(y|x)`` over the labelled images
+        divided by B (0 without any)."""
         n = len(x)
         labelled = torch.zeros(n, dtype=torch.bool, device=x.device) if y is None else y >= 0
         loss = torch.zeros((), device=x.device)
@@ -304,25 +308,28 @@ class SemiSupervisedVAE(AutoencoderMixin, PyroModule):
         if count:
             x_l, y_l = x[labelled], y[labelled]
             loss = loss + enumerated_loss(self, x_l, num_data, y=y_l) * (count / n)
-            classification = F.cross_entropy(self.class_logits(x_l), y_l, reduction="sum")
+            classification = F.cross_entropy(self.class_logits(x_l), y_l, reduction="sum") / n
         if count < n:
             x_u = x if count == 0 else x[~labelled]
             loss = loss + enumerated_loss(self, x_u, num_data) * ((n - count) / n)
-        return loss, torch.stack([classification, torch.tensor(float(count), device=x.device)]) / n
+        return loss, classification
 
     def training_step(self, x: Tensor, update: Update, progress: Progress, y: Tensor | None = None) -> dict[str, Tensor | float]:
         """One step of M2's objective on ``x: (B, C, H, W)`` and its labels ``y: (B,)`` (``-1``: unlabelled), the batch
-        standing for ``progress.num_data`` images (see the module docs). Figures: ``loss`` (per image, the ELBO's
-        part plus ``alpha`` times the labelled images' mean ``-log q(y|x)``) and ``kl_weight``. Under torch.distributed
-        the labelled images' mean is over the whole batch (``update.batch_mean``), as one process computes it."""
+        standing for ``progress.num_data`` images of which ``progress.num_labelled`` are labelled (see the module docs).
+        Figures: ``loss`` (per image, the ELBO's part plus the classification term) and ``kl_weight``. Under
+        torch.distributed the classification term's sum is over the whole batch (``update.batch_mean``), as one
+        process computes it."""
         if y is None:
             raise InputError("M2 learns from labelled and unlabelled images: pass train_labels, -1 for each image without a label")
+        if progress.num_labelled <= 0 and bool((y >= 0).any()):
+            raise InputError("this batch holds labelled images but Progress.num_labelled is 0: it must count the training set's labelled images")
         weight = _warmed_up_kl_weight(self.config, progress)
+        share = progress.num_data / max(progress.num_labelled, 1)  # N / N_l: what a labelled image of the batch stands for
 
         def loss():
-            elbo_part, labelled = self._split_losses(x, y, progress.num_data)
-            cross_entropy_sum, count = update.batch_mean(labelled)  # per image of the global batch
-            return elbo_part if count == 0 else elbo_part + self.config.alpha * cross_entropy_sum / count
+            elbo_part, classification = self._split_losses(x, y, progress.num_data)
+            return elbo_part + self.config.alpha * share * update.batch_mean(classification)
 
         with _kl_weight_set(self, weight):
             value = update("model", loss)

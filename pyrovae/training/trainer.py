@@ -568,6 +568,7 @@ class Trainer:
         self._generator.set_state(pos.epoch_rng)
         # an interrupted epoch goes on with the same permutation (and binarization) from where it stopped (first=);
         # with W > 1 ranks each draws only its contiguous shard of every global batch, labels alike
+        num_labelled = 0 if train_labels is None else int((train_labels >= 0).sum())
         epoch_batches = batches(train, config.batch_size, self._generator, binarize=dynamic_binarization, labels=train_labels,
                                 shard=(rank, world) if world > 1 else None, first=pos.step)
         bar = tqdm(total=steps, initial=pos.step, desc=f"{phase.name} epoch {pos.epoch + 1}/{phase.epochs}", disable=not config.progress or not self._main, dynamic_ncols=True)
@@ -579,7 +580,7 @@ class Trainer:
                 if world > 1:  # this rank's share of the global batch
                     update.share = len(x) / min(config.batch_size, pos.n_train - pos.step * config.batch_size)
                 update.skipped = False
-                progress = Progress(num_data=pos.n_train, phase=phase.name, epochs_done=pos.phase_step / steps)
+                progress = Progress(num_data=pos.n_train, phase=phase.name, epochs_done=pos.phase_step / steps, num_labelled=num_labelled)
                 figures = model.training_step(x, update, progress, **given)
                 if update.skipped:
                     pos.skipped += 1
