@@ -23,8 +23,10 @@ Schedules (:data:`SCHEDULES`): ``cpu`` (Adam 1e-3 with a cosine decay, batch 100
 :data:`SCHEDULES`, sized to a few hours of 2 CPU threads: an M2 epoch decodes every image once per
 class, 10 times the VAE's work) and ``smoke`` (300 images, 2 epochs, k=50: proves the wiring). The
 run folder (``--out``, default ``runs/quality/ROW-SCHEDULE``) is a pyrovae run folder (``pyrovae eval``
-reads it) plus ``nll.json``, ``result.json`` and ``learning_curve.png``; running the same command again
-continues an interrupted run, training bit for bit from its checkpoint, then the NLL from its last chunk.
+reads it) plus ``nll.json``, ``result.json``, ``learning_curve.png`` and ``weights.pt`` (the trained model
+alone, as :mod:`benchmarks.quality` keeps it; :func:`pyrovae.training.load_model` reads it); running the
+same command again continues an interrupted run, training bit for bit from its checkpoint, then the NLL
+from its last chunk.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name  # noqa: E402
+from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name, write_weights  # noqa: E402
 from pyrovae import plots  # noqa: E402
 from pyrovae.checkpoints import write_text_atomic  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -189,6 +191,7 @@ def main(argv=None) -> dict:
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     score = accuracy(args.row, model, data)
     value = nll(model, data.test[:], schedule.nll_samples, folder)
+    write_weights(folder, model, ROWS[args.row].model)
     spec = ROWS[args.row]
     result = {
         "row": args.row,

@@ -49,7 +49,7 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
         assert sum(seen) == 2 * 100  # every kept label reaches the steps, once an epoch
     assert first["epochs"] == 2 and first["test_images"] == 300 and first["nll_samples"] == 50
     assert 0 <= first["accuracy_percent"] <= 100 and 80 < first["test_nll"] < 560
-    for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt"):
+    for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt", "weights.pt"):
         assert (tmp_path / name).exists(), name
     metadata = json.loads((tmp_path / "config.json").read_text())["metadata"]
     assert json.loads((tmp_path / "config.json").read_text())["training_config"]["seed"] == seed and first["seed"] == seed
@@ -62,6 +62,8 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
         assert "labels" not in metadata
     model, state = load_model(tmp_path)
     assert state["position"]["done"]
+    kept = load_model(tmp_path / "weights.pt")[0].state_dict()
+    assert kept.keys() == model.state_dict().keys() and all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     again = quality_discrete.main(args)  # finished: nothing is trained or sampled again
