@@ -22,8 +22,9 @@ The network is Kingma et al.'s M2: one hidden layer of 500 softplus units in eac
 Schedules (:data:`SCHEDULES`): ``cpu`` (Adam 1e-3 with a cosine decay, batch 100; epochs per row in
 :data:`SCHEDULES`, sized to a few hours of 2 CPU threads: an M2 epoch decodes every image once per
 class, 10 times the VAE's work) and ``smoke`` (300 images, 2 epochs, k=50: proves the wiring). The
-run folder (``--out``, default ``runs/quality/ROW-SCHEDULE``) is a pyrovae run folder (``pyrovae eval``
-reads it) plus ``nll.json``, ``result.json``, ``learning_curve.png`` and ``weights.pt`` (the trained model
+run folder (``--out``, default ``runs/quality/ROW[-seedN]-SCHEDULE``) is a pyrovae run folder
+(``pyrovae eval`` reads it) plus ``nll.json``, ``result.json``, ``learning_curve.png``, ``confusion.png``
+(the test labels against the classes of q(y|x), or the clusters) and ``weights.pt`` (the trained model
 alone, as :mod:`benchmarks.quality` keeps it; :func:`pyrovae.training.load_model` reads it); running the
 same command again continues an interrupted run, training bit for bit from its checkpoint, then the NLL
 from its last chunk.
@@ -49,7 +50,7 @@ from pyrovae import plots  # noqa: E402
 from pyrovae.checkpoints import write_text_atomic  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.devices import resolve_device  # noqa: E402
-from pyrovae.evaluation import clustering_accuracy, predict_classes  # noqa: E402
+from pyrovae.evaluation import clustering_accuracy, confusion_matrix, predict_classes  # noqa: E402
 from pyrovae.models import MODELS, build_model  # noqa: E402
 from pyrovae.models.semi_supervised import UNLABELLED, balanced_label_draw  # noqa: E402
 from pyrovae.nets import NetworkConfig  # noqa: E402
@@ -149,10 +150,14 @@ def train(row: str, schedule: Schedule, folder: Path, data, device, seed: int = 
     return trainer.model.eval(), history
 
 
-def accuracy(row: str, model, data) -> float:
-    """The row's accuracy in %: M2's q(y|x) against the test labels, the mixture's clusters matched to them."""
+def accuracy(row: str, model, data, folder: Path | None = None) -> float:
+    """The row's accuracy in %: M2's q(y|x) against the test labels, the mixture's clusters matched to them. With
+    ``folder``, the confusion matrix of the test set (labels against classes or clusters) goes to ``confusion.png`` there."""
     predicted = predict_classes(model, data.test[:]).cpu()
     labels = data.test_labels.cpu()
+    if folder is not None:
+        kind = "class of q(y|x)" if ROWS[row].model == "m2" else "cluster"
+        plots.confusion(confusion_matrix(predicted, labels, model.k), path=folder / "confusion.png", title=f"{row}: test images", xlabel=kind)
     if ROWS[row].model == "m2":
         return 100 * (predicted == labels).double().mean().item()
     return 100 * clustering_accuracy(predicted, labels)
@@ -189,7 +194,7 @@ def main(argv=None) -> dict:
     model, history = train(args.row, schedule, folder, data, device, args.seed)
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
-    score = accuracy(args.row, model, data)
+    score = accuracy(args.row, model, data, folder)
     value = nll(model, data.test[:], schedule.nll_samples, folder)
     write_weights(folder, model, ROWS[args.row].model)
     spec = ROWS[args.row]

@@ -49,7 +49,7 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
         assert sum(seen) == 2 * 100  # every kept label reaches the steps, once an epoch
     assert first["epochs"] == 2 and first["test_images"] == 300 and first["nll_samples"] == 50
     assert 0 <= first["accuracy_percent"] <= 100 and 80 < first["test_nll"] < 560
-    for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt", "weights.pt"):
+    for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt", "weights.pt", "confusion.png"):
         assert (tmp_path / name).exists(), name
     metadata = json.loads((tmp_path / "config.json").read_text())["metadata"]
     assert json.loads((tmp_path / "config.json").read_text())["training_config"]["seed"] == seed and first["seed"] == seed
