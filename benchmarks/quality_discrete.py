@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name, write_weights  # noqa: E402
+from benchmarks.quality import MONITOR_IMAGES, PUBLISHED_FILES as NLL_ROW_FILES, code_version, nll, run_name, write_weights  # noqa: E402
 from pyrovae import plots  # noqa: E402
 from pyrovae.checkpoints import write_text_atomic  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
@@ -75,6 +75,9 @@ ROWS = {
     "m2-3000": Row("m2", {"alpha": 0.1}, 3000, 100 - 3.92, "Kingma et al. 2014, Table 1, M2 (error 3.92 +- 0.63%)"),
     "gmvae": Row("gmvae", {"num_components": 10}, None, 94.46, "Jiang et al. 2017 (VaDE), Table 2; VaDE pretrains an autoencoder and fits a GMM to start from, this row does not"),
 }
+#: what a finished row commits in DOCS/NAME/ (described in docs/quality_discrete.md)
+PUBLISHED_FILES = (*NLL_ROW_FILES, "confusion.png")
+DOCS = REPO / "docs" / "quality_discrete"
 NETWORK = NetworkConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(500,), activation="softplus")
 
 

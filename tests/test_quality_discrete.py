@@ -69,3 +69,16 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
     again = quality_discrete.main(args)  # finished: nothing is trained or sampled again
     assert again["test_nll"] == first["test_nll"] and again["accuracy_percent"] == first["accuracy_percent"]
     assert all(torch.equal(before[name], tensor) for name, tensor in load_model(tmp_path)[0].state_dict().items())
+
+
+@pytest.mark.parametrize("folder", sorted(path.parent.name for path in quality_discrete.DOCS.glob("*/result.json")))
+def test_the_committed_weights_give_the_committed_accuracy(mnist_dir, folder):
+    """Each committed row's weights.pt classifies (or clusters) the 10,000 test images with the accuracy its
+    result.json and docs/quality_discrete.md quote, and its files are the ones PUBLISHED_FILES names."""
+    path = quality_discrete.DOCS / folder
+    assert sorted(p.name for p in path.iterdir()) == sorted(quality_discrete.PUBLISHED_FILES)
+    result = json.loads((path / "result.json").read_text())
+    model, _ = load_model(path / "weights.pt")
+    data = load_dataset("mnist", root=mnist_dir, binarize="dynamic", seed=0)
+    assert quality_discrete.accuracy(result["row"], model.eval(), data) == pytest.approx(result["accuracy_percent"], abs=1e-9)
+    assert f"{result['accuracy_percent']:.2f}%" in (quality_discrete.REPO / "docs" / "quality_discrete.md").read_text()
