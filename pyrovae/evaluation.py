@@ -727,7 +727,8 @@ def active_units(model, x: Tensor, threshold: float = 0.01, num_samples: int = 1
     z, the hierarchical VAE's z2), a Monte Carlo average over its latent parents otherwise (z1 given z2; z2 given
     z1 in the IWAE paper's two-layer VAE); a site whose distribution has no closed-form mean (a flow) averages its
     draws, whose noise adds about ``Var_q(z_u) / num_samples`` to each unit's variance. Draws from torch's global
-    generator; in eval mode, without gradients. A conditional model is not offered.
+    generator; in eval mode, without gradients. Discrete sites (M2's class y, drawn from q(y|x)) are not counted,
+    only the continuous layers. A conditional model is not offered.
     """
     if not _is_pyro_model(model) or getattr(model, "conditional", False):
         raise InputError(f"active units are counted for the Pyro VAEs of images alone, not for a {type(model).__name__}")
@@ -745,6 +746,8 @@ def active_units(model, x: Tensor, threshold: float = 0.01, num_samples: int = 1
                 trace = poutine.trace(model.guide).get_trace(xb)
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
+                    continue
+                if site["fn"].support.is_discrete:  # a class (M2's y) is not a layer of units
                     continue
                 try:
                     mean = site["fn"].mean

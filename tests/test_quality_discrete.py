@@ -68,6 +68,8 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
 
     again = quality_discrete.main(args)  # finished: nothing is trained or sampled again
     assert again["test_nll"] == first["test_nll"] and again["accuracy_percent"] == first["accuracy_percent"]
+    rescored = quality_discrete.main([*args, "--rescore"])  # from weights.pt alone
+    assert rescored["test_nll"] == pytest.approx(first["test_nll"], abs=1e-9) and rescored["accuracy_percent"] == first["accuracy_percent"]
     assert all(torch.equal(before[name], tensor) for name, tensor in load_model(tmp_path)[0].state_dict().items())
 
 

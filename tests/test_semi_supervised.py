@@ -22,7 +22,7 @@ from pyrovae import plots
 from pyrovae.checkpoints import load_checkpoint
 from pyrovae.cli import main
 from pyrovae.errors import InputError
-from pyrovae.evaluation import elbo_per_example, evaluate, log_likelihood, log_weights
+from pyrovae.evaluation import active_units, elbo_per_example, evaluate, log_likelihood, log_weights
 from pyrovae.models import M2Config, SemiSupervisedVAE, build_model
 from pyrovae.models.base import Progress
 from pyrovae.models.semi_supervised import UNLABELLED, balanced_label_draw
@@ -191,6 +191,15 @@ def test_the_nll_with_y_summed_out_matches_brute_force_on_a_toy_model():
 
 
 # --------------------------------------------------------------------------- labels
+
+
+def test_active_units_count_z_and_skip_the_class(images):
+    """Active units are of the continuous layer z alone (y is a class, not a layer of units): every unit passes a
+    threshold of 0, none passes a huge one."""
+    model = make()
+    x = images.bernoulli()
+    assert active_units(model, x, threshold=0.0, num_samples=3) == {"z": model.config.network.latent_dim}
+    assert active_units(model, x, threshold=1e9, num_samples=3) == {"z": 0}
 
 
 def test_the_balanced_label_draw_is_exactly_balanced_and_seeded(mnist):
