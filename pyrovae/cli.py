@@ -277,8 +277,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
     sub.add_parser("eval", parents=[run, num_samples, device], help="evaluate a trained run", description="Test ELBO, importance-sampled NLL, reconstruction error and linear-probe accuracy of a run; printed as a table and written to RUN/eval.json.")
 
-    sample = sub.add_parser("sample", parents=[run, seed, device], help="draw images from a trained VAE's prior", description="Decode samples from the prior of a trained VAE into a PNG grid; of a conditional VAE (cvae), one row per class.")
-    sample.add_argument("-n", type=int, default=None, help="number of images (default: 64); of a cvae run, images per class (default: 10)")
+    sample = sub.add_parser("sample", parents=[run, seed, device], help="draw images from a trained VAE's prior", description="Decode samples from the prior of a trained VAE into a PNG grid; of a cvae or m2 run, one row per class; of a gmvae run, one row per mixture component.")
+    sample.add_argument("-n", type=int, default=None, help="number of images (default: 64); of a cvae, m2 or gmvae run, images per row (default: 10)")
     sample.add_argument("-o", "--output", default="samples.png", help="PNG file to write (default: %(default)s)")
 
     interp = sub.add_parser("interpolate", parents=[run, seed, device], help="interpolate between test images in latent space", description="Decode straight lines between the codes of pairs of test images into a PNG grid.")
@@ -558,8 +558,9 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     if labels is not None:  # the codes coloured by class
         plots.latent_scatter(model, x, labels[:2000], path=folder / "latent.png", prior_samples=prior_samples, class_names=class_names)
         written.append("latent.png")
-    if model.conditional:
-        plots.class_samples(model, path=folder / "samples.png", class_names=class_names)
+    if plots.sample_rows(model) is not None:  # a row per class (or per mixture component)
+        names = class_names if plots.sample_rows(model)[1] == "class" else None
+        plots.class_samples(model, path=folder / "samples.png", class_names=names)
         written.append("samples.png")
     elif hasattr(model, "sample"):
         plots.samples(model, path=folder / "samples.png")
@@ -691,7 +692,7 @@ def cmd_sample(args) -> None:
     if not hasattr(model, "sample"):
         raise InputError(f"{args.run} holds a deterministic autoencoder, which has no prior to sample from; use a VAE run")
     torch.manual_seed(args.seed)
-    if model.conditional:
+    if plots.sample_rows(model) is not None:  # a row per class (or per mixture component)
         plots.class_samples(model, n=args.n if args.n is not None else 10, path=args.output)
     else:
         plots.samples(model, n=args.n if args.n is not None else 64, path=args.output)

@@ -170,22 +170,38 @@ def samples(vae, n: int = 64, path=None) -> Figure:
     return _finish(figure, path)
 
 
+def sample_rows(model) -> tuple[int, str] | None:
+    """What :func:`class_samples` draws a row of for ``model``: ``(K, "class")`` for a model whose ``sample(n, y)``
+    takes a class (a conditional model, M2), ``(K, "component")`` for one whose ``sample(n, c)`` takes a mixture
+    component (the mixture VAE), None for a model with neither."""
+    if getattr(model, "conditional", False) or getattr(model, "classes_are_labels", False):
+        return model.num_classes, "class"
+    if hasattr(model, "num_components"):
+        return model.num_components, "component"
+    return None
+
+
 def class_samples(model, n: int = 10, path=None, class_names=None) -> Figure:
-    """A conditional model's samples, one row per class: ``n`` images ``model.sample(n, k)`` (decoded draws
-    from the prior, given the class) in row ``k`` for ``k = 0, ..., K - 1``, labelled ``class_names[k]`` (or ``k``)."""
-    if not getattr(model, "conditional", False):
-        raise InputError(f"a {_name(model)} is not conditional: it has no classes to sample from; use samples")
+    """Samples of each class, one row per class: ``n`` images ``model.sample(n, k)`` (decoded draws from the prior,
+    given the class) in row ``k`` for ``k = 0, ..., K - 1``, labelled ``class_names[k]`` (or ``k``). For a conditional
+    model and M2 the rows are its classes; for the mixture VAE, its components (``class_names`` does not apply:
+    a component is not a label). See :func:`sample_rows`."""
+    rows = sample_rows(model)
+    if rows is None:
+        raise InputError(f"a {_name(model)} is not conditional and has no discrete latent: it has no classes to sample from; use samples")
     if n <= 0:
         raise InputError(f"n must be positive, got {n}")
-    classes = model.num_classes
+    classes, kind = rows
+    if kind == "component" and class_names is not None:
+        raise InputError(f"a {_name(model)}'s rows are its mixture components, which have no class names")
     labels = torch.arange(classes, device=_device(model, torch.device("cpu"))).repeat_interleave(n)  # (K * n,)
     with evaluating(model):
         images = model.sample(len(labels), labels)  # (K * n, C, H, W), row after row
     figure = _figure(CELL_INCHES * n + 0.8, CELL_INCHES * classes + 0.6)
     ax = figure.add_subplot()
     _show_grid(ax, images, ncol=n, row_labels=_class_names(class_names, range(classes)))
-    ax.set_ylabel("class")
-    ax.set_title(f"{_name(model)}: samples of each class")
+    ax.set_ylabel(kind)
+    ax.set_title(f"{_name(model)}: samples of each {kind}")
     return _finish(figure, path)
 
 

@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 
 from conftest import tiny_network
 from pyrovae import AE, CVAE, VAE, AEConfig, CVAEConfig, VAEConfig, plots
+from pyrovae.errors import InputError
 from pyrovae.evaluation import PCA
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -201,3 +202,27 @@ def test_a_conditional_model_is_given_the_labels(models, mnist, tmp_path):
     figure = plots.comparison({"cvae": cvae, **models}, mnist.test[:], n=4, labels=mnist.test_labels, path=tmp_path / "c.png")
     assert_png(figure, tmp_path / "c.png")
     assert [t.get_text() for t in figure.axes[1].get_yticklabels()] == ["cvae", "vae"]
+
+
+def test_class_samples_draw_a_row_per_class_of_m2_and_per_component_of_the_mixture_vae(tmp_path):
+    """M2's rows are its classes (sample(n, y)), the mixture VAE's its components (sample(n, c)): row k holds the
+    decoded draws of class or component k, and the axis says which."""
+    from pyrovae.models import M2Config, MixtureVAE, MixtureVAEConfig, SemiSupervisedVAE
+
+    for model, kind in ((SemiSupervisedVAE(M2Config(network=tiny_network(), num_classes=3)), "class"),
+                        (MixtureVAE(MixtureVAEConfig(network=tiny_network(), num_components=3)), "component")):
+        model.eval()
+        assert plots.sample_rows(model) == (3, kind)
+        torch.manual_seed(1)
+        figure = plots.class_samples(model, n=2, path=tmp_path / f"{kind}.png")
+        torch.manual_seed(1)
+        expected = model.sample(6, torch.arange(3).repeat_interleave(2))  # class (component) after class
+        grid = torch.as_tensor(figure.axes[0].images[0].get_array().data)
+        cell = 28 + plots.PADDING
+        for k in range(3):
+            for j in range(2):
+                top, left = plots.PADDING + k * cell, plots.PADDING + j * cell
+                torch.testing.assert_close(grid[top : top + 28, left : left + 28], expected[2 * k + j, 0])
+        assert figure.axes[0].get_ylabel() == kind
+    with pytest.raises(InputError, match="mixture components, which have no class names"):
+        plots.class_samples(model, n=2, class_names=["a", "b", "c"])
