@@ -77,13 +77,13 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from pyrovae import plots  # noqa: E402
-from pyrovae.checkpoints import CheckpointError, save_checkpoint, write_text_atomic  # noqa: E402
+from pyrovae.checkpoints import CheckpointError, write_text_atomic  # noqa: E402
 from pyrovae.data import load_dataset  # noqa: E402
 from pyrovae.devices import resolve_device  # noqa: E402
 from pyrovae.evaluation import active_units, log_likelihood  # noqa: E402
-from pyrovae.models import MODELS, VAEConfig, build_model, config_to_dict  # noqa: E402
+from pyrovae.models import MODELS, VAEConfig, build_model  # noqa: E402
 from pyrovae.nets import NetworkConfig  # noqa: E402
-from pyrovae.training import CHECKPOINT_FILE, StagedDecay, Trainer, TrainingConfig, load_model  # noqa: E402
+from pyrovae.training import CHECKPOINT_FILE, WEIGHTS_FILE, StagedDecay, Trainer, TrainingConfig, load_model, save_weights  # noqa: E402
 
 
 
@@ -138,8 +138,6 @@ ADAM_EPS = 1e-4
 MONITOR_IMAGES, NLL_CHUNK = 1000, 500
 #: test images on which the active units of each latent layer are counted (Burda et al. 2016), and the seed of their draws
 ACTIVE_UNITS_IMAGES, ACTIVE_UNITS_SEED = 2000, 0
-#: the trained model alone (name, config and state_dict), in every finished run folder
-WEIGHTS_FILE = "weights.pt"
 #: what a finished row commits in docs/quality/NAME/
 PUBLISHED_FILES = ("config.json", "result.json", "nll.json", "metrics.csv", "learning_curve.png", WEIGHTS_FILE)
 DOCS = REPO / "docs" / "quality"
@@ -255,9 +253,7 @@ def count_active_units(model, test: torch.Tensor) -> dict[str, int]:
 
 def write_weights(folder: Path, model, model_name: str) -> Path:
     """``folder``/:data:`WEIGHTS_FILE`: the model's name, config and ``state_dict`` (no optimizer, no position)."""
-    path = folder / WEIGHTS_FILE
-    save_checkpoint(path, {"model_name": model_name, "model_config": config_to_dict(model.config), "model_state": model.state_dict()})
-    return path
+    return save_weights(folder / WEIGHTS_FILE, model, model_name)
 
 
 def rescore(folder: Path, data_dir: str, device, nll_samples: int | None = None, images: int | None = None) -> dict:

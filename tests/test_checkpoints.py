@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import signal
@@ -17,7 +18,8 @@ import torch
 from conftest import tiny_network
 from pyrovae.checkpoints import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint, write_text_atomic
 from pyrovae.models import AE, VAE, AEConfig, VAEConfig, config_to_dict
-from pyrovae.training import Trainer, TrainingConfig, load_model
+from pyrovae.cli import main
+from pyrovae.training import WEIGHTS_FILE, Trainer, TrainingConfig, load_model, save_weights
 
 
 def test_round_trip_adds_the_format_version_and_leaves_no_temporary_file(tmp_path):
@@ -159,6 +161,29 @@ def test_load_model_rebuilds_the_model_from_a_folder_or_a_file(vae_run):
     assert torch.equal(same.encoder.layers[0].weight, vae.encoder.layers[0].weight)
 
 
+def test_a_published_run_keeps_weights_alone_and_loads_as_a_run_folder(vae_run, tmp_path, mnist_dir, capsys):
+    """save_weights writes the model alone (readable with weights_only=True); a folder with config.json and weights.pt
+    in place of the checkpoint (a published quality row) loads like a run folder, in the library and the command
+    line; a run folder holding both reads its checkpoint."""
+    folder, vae = vae_run
+    published = tmp_path / "published"
+    published.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["metadata"] = {"data": {"name": "mnist", "root": str(mnist_dir), "subset": 300, "seed": 0}}  # as `pyrovae train` keeps it
+    (published / "config.json").write_text(json.dumps(config))
+    assert save_weights(published, vae, "vae") == published / WEIGHTS_FILE
+    state = torch.load(published / WEIGHTS_FILE, weights_only=True)
+    assert set(state) >= {"model_name", "model_config", "model_state"} and "optimizer_states" not in state
+    model, _ = load_model(published)
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in vae.state_dict().items())
+    assert main(["sample", str(published), "-n", "4", "-o", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+    other = VAE(VAEConfig(network=tiny_network()))  # weights of another model beside the run's checkpoint: the checkpoint wins
+    save_weights(folder, other, "vae")
+    assert all(torch.equal(load_model(folder)[0].state_dict()[name], value) for name, value in vae.state_dict().items())
+
+
 def test_load_model_refuses_a_checkpoint_of_another_model_or_config(vae_run):
     folder, _ = vae_run
     with pytest.raises(CheckpointError, match="does not match"):
@@ -179,7 +204,7 @@ def test_load_model_refuses_weights_that_do_not_fit_their_config(tmp_path):
     save_checkpoint(path, {"weights": torch.zeros(2)})
     with pytest.raises(CheckpointError, match="holds no model"):
         load_model(path)
-    with pytest.raises(CheckpointError, match="holds no checkpoint.pt"):
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint.pt \(nor weights.pt\)"):
         load_model(tmp_path)
 
 

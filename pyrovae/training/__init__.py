@@ -8,10 +8,10 @@
 """
 
 from .config import LR_SCHEDULES, OPTIMIZERS, StagedDecay, TrainingConfig
-from .run_folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_CSV, METRICS_JSON, RunFolder, load_model
+from .run_folder import CHECKPOINT_FILE, CONFIG_FILE, METRICS_CSV, METRICS_JSON, WEIGHTS_FILE, RunFolder, load_model, save_weights
 from .trainer import FUSED_ADAM, HISTORY_COLUMNS, Trainer, TrainingError
 
 __all__ = [
-    "TrainingConfig", "StagedDecay", "TrainingError", "Trainer", "RunFolder", "load_model", "LR_SCHEDULES", "OPTIMIZERS",
-    "FUSED_ADAM", "HISTORY_COLUMNS", "CHECKPOINT_FILE", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSON",
+    "TrainingConfig", "StagedDecay", "TrainingError", "Trainer", "RunFolder", "load_model", "save_weights", "LR_SCHEDULES", "OPTIMIZERS",
+    "FUSED_ADAM", "HISTORY_COLUMNS", "CHECKPOINT_FILE", "WEIGHTS_FILE", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSON",
 ]

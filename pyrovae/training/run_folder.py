@@ -4,6 +4,10 @@
 ``metrics.csv`` and ``metrics.json`` (the history, after every epoch), ``checkpoint.pt``
 (after every epoch, and on an interrupt; see :mod:`pyrovae.checkpoints`) and, when TensorBoard
 is installed, ``tensorboard/``. Every file but TensorBoard's is written atomically.
+
+A published run (the reproductions in ``docs/quality*/``) keeps ``config.json`` and ``weights.pt``
+(:data:`WEIGHTS_FILE`: the trained model alone, :func:`save_weights`) in place of the checkpoint;
+:func:`load_model`, and so ``pyrovae eval``/``sample``/``interpolate``, read either.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from ..checkpoints import CheckpointError, load_checkpoint, save_checkpoint, wri
 from ..devices import resolve_device
 from ..models import build_model, config_from_dict, config_to_dict
 
-__all__ = ["RunFolder", "load_model", "CHECKPOINT_FILE", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSON"]
+__all__ = ["RunFolder", "load_model", "save_weights", "CHECKPOINT_FILE", "WEIGHTS_FILE", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSON"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: the trained model alone (name, config, float32 ``state_dict``; no optimizer, no position), as a published run keeps it
+WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
@@ -80,7 +86,8 @@ class RunFolder:
 
 
 def load_model(path, model=None, device="cpu"):
-    """Rebuild the model saved in ``path`` (a run folder or a checkpoint file) and load its weights.
+    """Rebuild the model saved in ``path`` (a run folder: its checkpoint, or a published run's :data:`WEIGHTS_FILE`;
+    or a checkpoint or weights file) and load its weights.
 
     The model comes from the checkpoint's model name and config (:func:`pyrovae.models.build_model`);
     pass ``model`` to load the weights into that one instead, after checking that it is the same
@@ -88,9 +95,11 @@ def load_model(path, model=None, device="cpu"):
     Raises :class:`CheckpointError` when the checkpoint is unusable or does not fit.
     """
     path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if path.is_dir() and not file.exists():
-        raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE}: not a run folder, or its training never started")
+    file = path
+    if path.is_dir():  # a run folder's checkpoint, else a published run's weights
+        file = path / CHECKPOINT_FILE if (path / CHECKPOINT_FILE).exists() or not (path / WEIGHTS_FILE).exists() else path / WEIGHTS_FILE
+        if not file.exists():
+            raise CheckpointError(f"{path} holds no {CHECKPOINT_FILE} (nor {WEIGHTS_FILE}): not a run folder, or its training never started")
     state = load_checkpoint(file)
     missing = [key for key in ("model_name", "model_config", "model_state") if key not in state]
     if missing:
@@ -113,3 +122,13 @@ def load_model(path, model=None, device="cpu"):
         reason = " ".join(str(error).split())
         raise CheckpointError(f"the weights in {file} do not fit the {name!r} model of its config: {reason}") from None
     return model.to(resolve_device(device)), state
+
+
+def save_weights(path, model, model_name: str) -> Path:
+    """Write ``model`` alone to ``path`` (a file, or a folder to hold :data:`WEIGHTS_FILE`): its name (``model_name``,
+    as :func:`pyrovae.models.build_model` takes it), config and ``state_dict``; :func:`load_model` rebuilds it and
+    ``torch.load(path, weights_only=True)`` reads it. Returns the file's path."""
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    save_checkpoint(file, {"model_name": model_name, "model_config": config_to_dict(model.config), "model_state": model.state_dict()})
+    return file
