@@ -16,10 +16,10 @@ The network is Kingma et al.'s M2: one hidden layer of 500 softplus units in eac
     python benchmarks/quality_discrete.py m2-100       # M2, 100 labels
     python benchmarks/quality_discrete.py m2-1000      # M2, 1,000 labels
     python benchmarks/quality_discrete.py m2-3000      # M2, 3,000 labels
-    python benchmarks/quality_discrete.py m2-100 --seed 1   # another seed (labels drawn, networks started, batches): m2-100-seed1-cpu
-    python benchmarks/quality_discrete.py gmvae --rescore   # the committed row scored again from its weights, no training
-    python benchmarks/quality_discrete.py gmvae --rescore --subset 500   # the same on 500 test images: about a minute
     python benchmarks/quality_discrete.py gmvae        # the mixture VAE, K = 10, no labels
+    python benchmarks/quality_discrete.py m2-100 --seed 1    # another seed (labels drawn, networks started, batches): m2-100-seed1-cpu
+    python benchmarks/quality_discrete.py gmvae --rescore    # the committed row scored again from its weights, no training
+    python benchmarks/quality_discrete.py gmvae --rescore --subset 500   # its NLL on 500 test images: about a minute
 
 Schedules (:data:`SCHEDULES`): ``cpu`` (Adam 1e-3 with a cosine decay, batch 100; epochs per row in
 :data:`SCHEDULES`, sized to a few hours of 2 CPU threads: an M2 epoch decodes every image once per
@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.quality import MONITOR_IMAGES, WEIGHTS_FILE, code_version, nll, run_name, write_weights  # noqa: E402
+from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name, write_weights  # noqa: E402
 from benchmarks.quality import PUBLISHED_FILES as NLL_ROW_FILES  # noqa: E402
 from benchmarks.quality import rescore as nll_rescore  # noqa: E402
 from pyrovae import plots  # noqa: E402
@@ -58,7 +58,7 @@ from pyrovae.evaluation import clustering_accuracy, confusion_matrix, predict_cl
 from pyrovae.models import MODELS, build_model  # noqa: E402
 from pyrovae.models.semi_supervised import UNLABELLED, balanced_label_draw  # noqa: E402
 from pyrovae.nets import NetworkConfig  # noqa: E402
-from pyrovae.training import CHECKPOINT_FILE, CONFIG_FILE, Trainer, TrainingConfig, load_model  # noqa: E402
+from pyrovae.training import CHECKPOINT_FILE, CONFIG_FILE, WEIGHTS_FILE, Trainer, TrainingConfig, load_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("row", choices=sorted(ROWS), help="the row of the table: " + ", ".join(ROWS))
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="cpu", help="cpu or smoke (default: cpu)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/quality/ROW-SCHEDULE)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/quality/ROW[-seedN]-SCHEDULE)")
     parser.add_argument("--data-dir", default=str(REPO / "data"), help="folder holding MNIST (default: the repository's data/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
