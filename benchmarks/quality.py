@@ -251,11 +251,6 @@ def count_active_units(model, test: torch.Tensor) -> dict[str, int]:
     return active_units(model, test[:ACTIVE_UNITS_IMAGES])
 
 
-def write_weights(folder: Path, model, model_name: str) -> Path:
-    """``folder``/:data:`WEIGHTS_FILE`: the model's name, config and ``state_dict`` (no optimizer, no position)."""
-    return save_weights(folder / WEIGHTS_FILE, model, model_name)
-
-
 def rescore(folder: Path, data_dir: str, device, nll_samples: int | None = None, images: int | None = None) -> dict:
     """Score the weights committed in ``folder`` again, without training: the NLL on the first ``images`` test images
     (default: as many as its result) with ``nll_samples`` samples (default: its result's), chunk by chunk with the
@@ -395,7 +390,7 @@ def main(argv=None) -> dict:
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{name}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     value = nll(model, data.test[:], schedule.nll_samples, folder)
-    write_weights(folder, model, ROWS[args.row].model)
+    save_weights(folder, model, ROWS[args.row].model)
     model_config, training_config = configs(args.row, schedule, args.seed)
     result = {
         "row": args.row,

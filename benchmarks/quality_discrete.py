@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name, write_weights  # noqa: E402
+from benchmarks.quality import MONITOR_IMAGES, code_version, nll, run_name  # noqa: E402
 from benchmarks.quality import PUBLISHED_FILES as NLL_ROW_FILES  # noqa: E402
 from benchmarks.quality import rescore as nll_rescore  # noqa: E402
 from pyrovae import plots  # noqa: E402
@@ -58,7 +58,7 @@ from pyrovae.evaluation import clustering_accuracy, confusion_matrix, predict_cl
 from pyrovae.models import MODELS, build_model  # noqa: E402
 from pyrovae.models.semi_supervised import UNLABELLED, balanced_label_draw  # noqa: E402
 from pyrovae.nets import NetworkConfig  # noqa: E402
-from pyrovae.training import CHECKPOINT_FILE, CONFIG_FILE, WEIGHTS_FILE, Trainer, TrainingConfig, load_model  # noqa: E402
+from pyrovae.training import CHECKPOINT_FILE, CONFIG_FILE, WEIGHTS_FILE, Trainer, TrainingConfig, load_model, save_weights  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     score = accuracy(args.row, model, data, folder)
     value = nll(model, data.test[:], schedule.nll_samples, folder)
-    write_weights(folder, model, ROWS[args.row].model)
+    save_weights(folder, model, ROWS[args.row].model)
     spec = ROWS[args.row]
     result = {
         "row": args.row,

@@ -558,9 +558,9 @@ def _figures(model, data, history, folder: Path) -> list[str]:
     if labels is not None:  # the codes coloured by class
         plots.latent_scatter(model, x, labels[:2000], path=folder / "latent.png", prior_samples=prior_samples, class_names=class_names)
         written.append("latent.png")
-    if plots.sample_rows(model) is not None:  # a row per class (or per mixture component)
-        names = class_names if plots.sample_rows(model)[1] == "class" else None
-        plots.class_samples(model, path=folder / "samples.png", class_names=names)
+    rows = plots.sample_rows(model)
+    if rows is not None:  # a row per class (or per mixture component)
+        plots.class_samples(model, path=folder / "samples.png", class_names=class_names if rows[1] == "class" else None)
         written.append("samples.png")
     elif hasattr(model, "sample"):
         plots.samples(model, path=folder / "samples.png")
