@@ -81,6 +81,7 @@ MODEL_OPTIONS = {
     "--generator-lr": "generator_lr",
     "--alpha": "alpha",
     "--num-components": "num_components",
+    "--pretrain-epochs": "pretrain_epochs",
 }
 #: the file of a run folder that lists the image files left out by --skip-unreadable
 SKIPPED_FILE = "skipped_images.txt"
@@ -214,11 +215,15 @@ def _model_options_group(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{phase}-lr", type=float, default=argparse.SUPPRESS, help=_model_help(f"learning rate of the {phase} phase", f"{phase}_lr"))
     group.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help=_model_help("weight of the classification loss alpha * N * E[-log q(y|x)] on labelled images", "alpha"))
     group.add_argument("--num-components", type=int, default=argparse.SUPPRESS, help=_model_help("components K of the mixture prior, the clusters", "num_components"))
+    group.add_argument("--pretrain-epochs", type=int, default=argparse.SUPPRESS, help=_model_help(
+        "epochs of pretraining: stacked, greedy per layer; gmvae, an autoencoder whose codes k-means places the components on", "pretrain_epochs"))
 
 
 def _model_help(text: str, field: str) -> str:
     """``text``, the models whose config has ``field``, and its default there."""
     defaults = {name: _fields(config_class)[field].default for name, (_, config_class) in MODELS.items() if field in _fields(config_class)}
+    if len(set(map(repr, defaults.values()))) > 1:
+        return f"{text} (default: {', '.join(f'{name} {default}' for name, default in defaults.items())})"
     default = next(iter(defaults.values()))
     return f"{text} ({', '.join(defaults)}; default: {'--lr' if default is None and field.endswith('_lr') else default})"
 

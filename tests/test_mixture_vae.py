@@ -3,6 +3,7 @@ infer_discrete, Hungarian clustering accuracy, SVI, bit-for-bit resume, evaluati
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate, infer_discrete
+from scipy.cluster.vq import kmeans2
 from torch.distributions import Bernoulli, Normal
 
 from conftest import tiny_network
@@ -19,6 +21,8 @@ from pyrovae.cli import main
 from pyrovae.errors import InputError
 from pyrovae.evaluation import clustering_accuracy, confusion_matrix, elbo_per_example, evaluate, log_likelihood, predict_classes
 from pyrovae.models import MixtureVAE, MixtureVAEConfig
+from pyrovae.models.base import evaluating
+from pyrovae.models.mixture import KMEANS_SEED, MIN_START_SCALE
 from pyrovae.nets import NetworkConfig
 from pyrovae.training import Trainer, TrainingConfig
 
@@ -116,6 +120,8 @@ def test_k_below_two_and_other_priors_are_refused():
         MixtureVAEConfig(prior="laplace")
     with pytest.raises(InputError, match="TraceEnum_ELBO"):
         MixtureVAEConfig(elbo="meanfield")
+    with pytest.raises(InputError, match="pretrain_epochs must be a non-negative integer"):
+        MixtureVAEConfig(pretrain_epochs=-1)
 
 
 # --------------------------------------------------------------------------- training
@@ -167,6 +173,69 @@ def test_an_interrupted_mixture_run_resumes_bit_for_bit(tmp_path, mnist, monkeyp
     assert without_seconds[0] == without_seconds[1]
 
 
+def test_pretraining_trains_an_autoencoder_then_places_the_components_by_kmeans(mnist, monkeypatch):
+    train = mnist.train[:128]
+    model = make(pretrain_epochs=2)
+    start = {name: t.clone() for name, t in model.prior.state_dict().items()}
+    decoder_start = [t.clone() for t in model.decoder.parameters()]
+    seen = []
+    original = MixtureVAE.end_phase
+
+    def end_phase(self, phase, images):
+        # pretraining left p(z|c) as it started, and trained the encoder and the decoder
+        assert all(torch.equal(t, start[name]) for name, t in self.prior.state_dict().items())
+        assert not any(torch.equal(a, b) for a, b in zip(decoder_start, self.decoder.parameters()))
+        with torch.no_grad(), evaluating(self):
+            codes = self.encode(images[:]).double()
+        original(self, phase, images)
+        scale = torch.nn.functional.softplus(self.prior.raw_scale) + 1e-5
+        seen.append((phase, len(images), codes, self.prior.loc.detach().clone(), scale.detach().clone()))
+
+    monkeypatch.setattr(MixtureVAE, "end_phase", end_phase)
+    history = Trainer(model, config(epochs=1)).fit(train, dynamic_binarization=True)
+    assert [row["phase"] for row in history] == ["pretrain", "pretrain", "train"]
+    assert [row["kl_weight"] for row in history] == [0.0, 0.0, 1.0]
+    (phase, n, codes, loc, scale), = seen  # once, after the pretraining, with every training image
+    assert (phase, n) == ("pretrain", 128)
+    # each component starts at a centroid of scipy's k-means of the codes, its scale the spread of its cluster
+    centroids, cluster = kmeans2(codes.numpy(), K, iter=50, minit="++", seed=KMEANS_SEED)
+    torch.testing.assert_close(loc, torch.from_numpy(centroids).float())
+    for c in range(K):
+        members = codes[torch.from_numpy(cluster) == c]
+        if len(members) > 1:
+            torch.testing.assert_close(scale[c], members.std(0, unbiased=False).clamp_min(MIN_START_SCALE).float(), rtol=1e-4, atol=1e-5)
+    assert len(set(cluster.tolist())) > 1
+
+
+def test_a_run_interrupted_after_pretraining_resumes_bit_for_bit(tmp_path, mnist, monkeypatch):
+    train = mnist.train[:128]
+    expected = Trainer(reference := make(pretrain_epochs=1), config(epochs=2)).fit(train, dynamic_binarization=True)
+
+    model = make(pretrain_epochs=1)
+    calls = []
+    original = model.guide
+
+    def guide(*args, **kwargs):  # the guide runs in the ELBO's phase only
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 2:  # step 2 of the first epoch after the pretraining
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "guide", guide)
+    with pytest.raises(KeyboardInterrupt, match="step 2 of train epoch 1"):
+        Trainer(model, config(epochs=2), out_dir=tmp_path, model_name="gmvae").fit(train, dynamic_binarization=True)
+    fitted = []
+    monkeypatch.setattr(MixtureVAE, "end_phase", lambda self, phase, images: fitted.append(phase))
+    resumed = Trainer.resume(tmp_path, device="cpu")
+    history = resumed.fit(train, dynamic_binarization=True)
+    assert not fitted  # the checkpoint holds the placed components: they are not placed again
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    without_seconds = [[{k: v for k, v in row.items() if k != "seconds"} for row in h] for h in (history, expected)]
+    assert without_seconds[0] == without_seconds[1]
+
+
 # --------------------------------------------------------------------------- evaluation and command line
 
 
@@ -187,9 +256,13 @@ def test_the_command_line_trains_a_mixture_and_refuses_one_component(tmp_path, m
     assert main(["train", "--model", "vae", "--num-components", "3", "--out", str(folder), *small]) == 2
     assert "--model vae takes no --num-components" in capsys.readouterr().err and not folder.exists()
 
+    assert main(["train", "--model", "vae", "--pretrain-epochs", "2", "--out", str(folder), *small]) == 2
+    assert "--model vae takes no --pretrain-epochs" in capsys.readouterr().err and not folder.exists()
+
     folder = tmp_path / "gmvae"
-    assert main(["train", "--model", "gmvae", "--num-components", "3", "--out", str(folder), *small]) == 0
+    assert main(["train", "--model", "gmvae", "--num-components", "3", "--pretrain-epochs", "2", "--out", str(folder), *small]) == 0
     assert {"confusion.png", "interpolations.png", "samples.png"} <= {p.name for p in folder.iterdir()}
+    assert [row["phase"] for row in json.loads((folder / "metrics.json").read_text())] == ["pretrain", "pretrain", "train"]
     capsys.readouterr()
     assert main(["eval", str(folder), "--num-samples", "5"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo"))

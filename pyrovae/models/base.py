@@ -11,7 +11,8 @@ knows of a model; adding a model never edits the loop:
   the training config's optimizer and learning rate (a group may carry its own ``lr``, as in
   torch's per-group dicts);
 * :meth:`~TrainableModel.training_phases`: the phases of a run, each with fresh optimizers
-  (one phase, ``"train"``, for most models);
+  (one phase, ``"train"``, for most models), and :meth:`~TrainableModel.end_phase`, called with the
+  training images when a phase ends and another follows (the mixture VAE starts its components there);
 * :meth:`~TrainableModel.training_step`: one step on a batch; the model says which losses
   update which group, through ``update(group, compute_loss)``, and the Trainer does the rest
   (zeroing, backward, clipping, gradient averaging across processes, the optimizer's step);
@@ -124,6 +125,12 @@ class TrainableModel:
     def training_phases(self, epochs: int) -> list[Phase]:
         """The phases of a run of ``epochs`` end-to-end epochs, in order."""
         return [Phase("train", epochs)]
+
+    def end_phase(self, phase: str, train) -> None:
+        """Called by the Trainer after the last epoch of the phase named ``phase`` when another phase follows, with the
+        training images ``train`` (an :class:`~pyrovae.data.ImageSet`, ``(N, C, H, W)``), before the checkpoint of
+        that epoch is written (so a resumed run starts the next phase from what this did). Does nothing by default.
+        Under torch.distributed every process calls it with the same images: it must come to the same result."""
 
     def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor | float]:
         """Train on the batch ``x: (B, C, H, W)``; return the step's figures, ``"loss"`` (per example) first.

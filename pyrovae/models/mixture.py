@@ -28,6 +28,14 @@ p(c) is uniform and fixed: the clusters are what the components p(z|c) learn to 
 p(c) lets a component that fits little be starved of images until it is unused. The component means
 start close together (:data:`INIT_SPREAD`), the scales at 1: from means drawn from N(0, I) in 50
 dimensions, the codes all went to one component (11.4% after 3 epochs, as above).
+
+**Pretraining (VaDE's start).** With ``config.pretrain_epochs > 0`` a run begins with a phase
+``"pretrain"``: the encoder's mean and the decoder trained as an autoencoder, on the likelihood's
+reconstruction loss ``-log p(x | decoder(mean of q(z|x)))`` (no prior, no KL). When it ends
+(:meth:`MixtureVAE.end_phase`), k-means (scipy's ``kmeans2``, k-means++ start, seed
+:data:`KMEANS_SEED`) on the codes of the training images places the components: each mean at a
+centroid, each scale the spread of its cluster's codes. Jiang et al. start VaDE so, from a
+pretrained autoencoder and a Gaussian mixture fitted to its codes; the ELBO's phase follows.
 """
 
 from __future__ import annotations
@@ -42,15 +50,20 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 
 from ..errors import InputError
+from .base import Phase, Progress, Update, evaluating
 from .discrete import build_enum_elbo, check_num_classes, enumerated_loss
 from .vae import VAE, VAEConfig, _images_plate, _is_int, _scaled
 
-__all__ = ["MixtureVAE", "MixtureVAEConfig", "ComponentPrior", "INIT_SPREAD"]
+__all__ = ["MixtureVAE", "MixtureVAEConfig", "ComponentPrior", "INIT_SPREAD", "KMEANS_SEED"]
 
 #: the component means start as draws from N(0, INIT_SPREAD^2 I): close together, so that every component
 #: is near the codes at first and takes a share of them (from N(0, I) in 50 dimensions one component took
 #: every code: see the module docs)
 INIT_SPREAD = 0.1
+#: the seed of the k-means that places the components after pretraining (the codes differ between runs)
+KMEANS_SEED = 0
+#: the smallest scale a component starts with after pretraining (a cluster of one code has no spread)
+MIN_START_SCALE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -59,16 +72,20 @@ class MixtureVAEConfig(VAEConfig):
     posterior, flow_layers, beta, num_particles, kl_warmup_epochs), and
 
     num_components: K >= 2, the components of p(z) and so the clusters.
+    pretrain_epochs: epochs of the ``"pretrain"`` phase before the ELBO's (see the module docs); 0: none.
 
     ``prior`` stays ``"normal"``: p(z) is the model's own mixture of K learned Gaussians. The objective is
     ``TraceEnum_ELBO`` (``elbo="trace"``); free bits are not offered (their loss does not enumerate).
     """
 
     num_components: int = 10
+    pretrain_epochs: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         check_num_classes(self.num_components, "num_components")
+        if not _is_int(self.pretrain_epochs) or self.pretrain_epochs < 0:
+            raise InputError(f"pretrain_epochs must be a non-negative integer, got {self.pretrain_epochs!r}")
         if self.prior != "normal":
             raise InputError(f"the mixture VAE's p(z) is its own mixture of K learned Gaussians p(z|c): it takes no prior={self.prior!r}")
         if self.elbo != "trace":
@@ -104,6 +121,12 @@ class ComponentPrior(nn.Module):
     def forward(self) -> dist.Distribution:
         """p(z), the mixture with c summed out: batch ``()``, event ``(L,)``."""
         return dist.MixtureSameFamily(self.weights(), self.component(torch.arange(self.num_components, device=self.loc.device)))
+
+    @torch.no_grad()
+    def place(self, loc: Tensor, scale: Tensor) -> None:
+        """Set p(z | c) = Normal(``loc[c]``, ``scale[c]``) for ``loc``, ``scale``: ``(K, L)``, ``scale`` > 1e-5."""
+        self.loc.copy_(loc)
+        self.raw_scale.copy_(torch.log(torch.expm1(scale - 1e-5)))  # the inverse of softplus
 
 
 class MixtureVAE(VAE):
@@ -148,6 +171,42 @@ class MixtureVAE(VAE):
     def validation_loss(self, x: Tensor) -> Tensor:
         """The negative ELBO of log p(x) per image on ``x: (B, C, H, W)``, c summed out, with the full KL weight."""
         return enumerated_loss(self, x, None).detach()
+
+    # ------------------------------------------------------------------ pretraining (see the module docs)
+
+    def training_phases(self, epochs: int) -> list[Phase]:
+        """``"pretrain"`` (``config.pretrain_epochs``; the Trainer skips it at 0), then ``"train"`` (``epochs``)."""
+        return [Phase("pretrain", self.config.pretrain_epochs), Phase("train", epochs)]
+
+    def training_step(self, x: Tensor, update: Update, progress: Progress) -> dict[str, Tensor | float]:
+        """One step on ``x: (B, C, H, W)``: of the ELBO (as the VAE's), or in phase ``"pretrain"`` of the
+        reconstruction loss per image, ``-log p(x | decoder(encode(x)))``, with the figure ``kl_weight`` 0."""
+        if progress.phase != "pretrain":
+            return super().training_step(x, update, progress)
+        loss = update("model", lambda: -self.likelihood(self.decoder(self.encode(x))).log_prob(x).mean())
+        return {"loss": loss, "kl_weight": 0.0}
+
+    def end_phase(self, phase: str, train) -> None:
+        """After ``"pretrain"``: k-means with K clusters on the codes (:meth:`encode`) of every training image of
+        ``train: (N, C, H, W)`` places the components, each mean at a centroid and each scale (per dimension) the
+        spread of its cluster's codes (at least :data:`MIN_START_SCALE`; an empty cluster keeps scale 1)."""
+        if phase != "pretrain":
+            return
+        from scipy.cluster.vq import kmeans2
+
+        with torch.no_grad(), evaluating(self):
+            codes = torch.cat([self.encode(train[i : i + 1000].to(self.device)) for i in range(0, len(train), 1000)])
+        codes = codes.double().cpu()
+        centroids, cluster = kmeans2(codes.numpy(), self.k, iter=50, minit="++", seed=KMEANS_SEED)
+        cluster = torch.from_numpy(cluster)
+        scale = torch.ones(self.k, codes.shape[1], dtype=torch.float64)
+        for c in range(self.k):
+            members = codes[cluster == c]
+            if len(members) > 1:
+                scale[c] = members.std(0, unbiased=False).clamp_min(MIN_START_SCALE)
+            elif len(members) == 1:
+                scale[c] = MIN_START_SCALE
+        self.prior.place(torch.from_numpy(centroids).to(self.prior.loc), scale.to(self.prior.loc))
 
     @torch.no_grad()
     def cluster_log_probs(self, z: Tensor) -> Tensor:

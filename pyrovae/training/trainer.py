@@ -363,7 +363,7 @@ class Trainer:
                 self.model.train()
                 while not self._pos.done:
                     self._train_epoch(train, train_labels, dynamic_binarization)
-                    self._end_epoch(val, test)
+                    self._end_epoch(train, val, test)
                     if self._ranks[1] > 1:
                         self._agree()  # a signal on any rank during the epoch's end stops every rank
                     if self._signal is not None:
@@ -699,9 +699,10 @@ class Trainer:
             return distributed.all_sum(float(total), group=self._cpu_group) / len(val)
         return float(total) / len(val)
 
-    def _end_epoch(self, val: tuple | None, test: tuple | None) -> None:
+    def _end_epoch(self, train: ImageSet, val: tuple | None, test: tuple | None) -> None:
         """Validate on ``val`` and score ``test`` (each ``(images, labels)`` or ``None``), record the epoch,
-        step the schedules, move on (maybe to the next phase), write files."""
+        step the schedules, move on (maybe to the next phase, after the model's ``end_phase`` with the
+        ``train`` images), write files."""
         pos, phases = self._pos, self._phases()
         phase = phases[pos.phase]
         start = time.perf_counter()
@@ -740,6 +741,7 @@ class Trainer:
         if stopped or (pos.epoch == phase.epochs and pos.phase + 1 == len(phases)):
             pos.done = True  # the optimizers stay, and their checkpoint: a longer run goes on from them (Trainer.resume)
         elif pos.epoch == phase.epochs:
+            self.model.end_phase(phase.name, train)
             pos.phase, pos.epoch, pos.phase_step = pos.phase + 1, 0, 0
             self._new_optimizers()
         self._write_files()
