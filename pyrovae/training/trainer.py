@@ -254,8 +254,8 @@ class Trainer:
                 (the command line stores how it loaded the data there).
 
     Phases (:meth:`~pyrovae.models.base.TrainableModel.training_phases`) run in order, each with
-    fresh optimizers and schedules; history rows name their ``phase``, and early stopping watches
-    the ``"train"`` phase only.
+    fresh optimizers and schedules; between two, the model's ``end_phase`` sees the training images.
+    History rows name their ``phase``, and early stopping watches the ``"train"`` phase only.
 
     Each :meth:`fit` call is one run from the model's current weights, with fresh optimizers and
     reseeded RNG, unless the trainer holds an unfinished run (interrupted in this process, or
