@@ -54,7 +54,7 @@ from .base import Phase, Progress, Update, evaluating
 from .discrete import build_enum_elbo, check_num_classes, enumerated_loss
 from .vae import VAE, VAEConfig, _images_plate, _is_int, _scaled
 
-__all__ = ["MixtureVAE", "MixtureVAEConfig", "ComponentPrior", "INIT_SPREAD", "KMEANS_SEED"]
+__all__ = ["MixtureVAE", "MixtureVAEConfig", "ComponentPrior", "INIT_SPREAD", "KMEANS_SEED", "MIN_START_SCALE"]
 
 #: the component means start as draws from N(0, INIT_SPREAD^2 I): close together, so that every component
 #: is near the codes at first and takes a share of them (from N(0, I) in 50 dimensions one component took
