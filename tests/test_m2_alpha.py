@@ -55,3 +55,16 @@ def test_a_smoke_sweep_scores_on_held_out_images_and_keeps_its_tries(tmp_path, m
     trained.clear()
     again = m2_alpha.main(args)
     assert not trained and again["tries"] == table["tries"]  # finished tries are read back, not trained again
+
+
+def test_repeat_appends_copies_of_the_labelled_images_only(tmp_path, mnist_dir, monkeypatch):
+    trained = []
+    monkeypatch.setattr(Trainer, "fit", lambda self, train, **kwargs: trained.append((train.stored(), kwargs["train_labels"])) or [])
+    monkeypatch.setattr(m2_alpha, "predict_classes", lambda model, x: torch.zeros(len(x), dtype=torch.int64))
+    m2_alpha.main(["--subset", "300", "--alphas", "1", "--epochs", "1", "--labels", "20", "--repeat", "3", "--out", str(tmp_path),
+                   "--data-dir", str(mnist_dir), "--device", "cpu"])
+    (images, labels), = trained
+    assert len(images) == len(labels) == 300 + 2 * 20
+    kept = (labels[:300] != UNLABELLED).nonzero().squeeze(1)
+    assert torch.equal(images[300:], images[kept.repeat(2)]) and torch.equal(labels[300:], labels[kept.repeat(2)])
+    assert int((labels != UNLABELLED).sum()) == 60
