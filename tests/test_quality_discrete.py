@@ -28,6 +28,12 @@ def test_rows_follow_the_papers():
         assert quality_discrete.labels_kept(row, quality_discrete.SCHEDULES["cpu"]) == labels
         assert training.batch_size == 100 and training.lr_schedule == "cosine"
     assert quality_discrete.configs("m2-100", quality_discrete.SCHEDULES["cpu"])[0].alpha == 0.1
+    for row, labels in (("m2-100-a30", 100), ("m2-3000-a30", 3000)):  # the alpha chosen on held-out images
+        model, training = quality_discrete.configs(row, quality_discrete.SCHEDULES["cpu"])
+        assert model.alpha == 30 and model.network == quality_discrete.NETWORK and training.epochs == 100
+        assert quality_discrete.labels_kept(row, quality_discrete.SCHEDULES["cpu"]) == labels
+    chosen = json.loads((quality_discrete.DOCS / "m2-alpha-labels100-seed0.json").read_text())
+    assert chosen["best_alpha"] == 30 and chosen["validation_images"] == 10_000
     assert quality_discrete.configs("gmvae", quality_discrete.SCHEDULES["cpu"])[0].num_components == 10
 
 
