@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.quality import code_version  # noqa: E402
-from benchmarks.quality_discrete import NETWORK  # noqa: E402
+from benchmarks.quality_discrete import NETWORK, with_repeats  # noqa: E402
 from pyrovae.checkpoints import write_text_atomic  # noqa: E402
 from pyrovae.data import ImageSet, load_dataset  # noqa: E402
 from pyrovae.devices import resolve_device  # noqa: E402
@@ -60,16 +60,6 @@ def kept_labels(train_labels: torch.Tensor, count: int, seed: int) -> torch.Tens
     labels = torch.full_like(train_labels, UNLABELLED)
     labels[kept] = train_labels[kept]
     return labels
-
-
-def with_repeats(train: ImageSet, labels: torch.Tensor, repeat: int) -> tuple[ImageSet, torch.Tensor]:
-    """``train: (N, C, H, W)`` and ``labels: (N,)`` with ``repeat - 1`` copies of each labelled image appended."""
-    if repeat == 1:
-        return train, labels
-    kept = (labels != UNLABELLED).nonzero().squeeze(1)
-    copies = kept.repeat(repeat - 1)
-    stored = train.stored()
-    return ImageSet(torch.cat([stored, stored[copies.to(stored.device)]]), device=train.device), torch.cat([labels, labels[copies]])
 
 
 def try_alpha(alpha: float, folder: Path, train: ImageSet, data, labels: torch.Tensor, epochs: int, seed: int, device) -> dict:
