@@ -90,3 +90,19 @@ def test_the_committed_weights_give_the_committed_accuracy(mnist_dir, folder):
     data = load_dataset("mnist", root=mnist_dir, binarize="dynamic", seed=0)
     assert quality_discrete.accuracy(result["row"], model.eval(), data) == pytest.approx(result["accuracy_percent"], abs=1e-9)
     assert f"{result['accuracy_percent']:.2f}%" in (quality_discrete.REPO / "docs" / "quality_discrete.md").read_text()
+
+
+def test_a_repeat_row_trains_on_copies_of_its_labelled_images(tmp_path, mnist_dir, monkeypatch):
+    from pyrovae.training import Trainer
+
+    seen = []
+    monkeypatch.setattr(Trainer, "fit", lambda self, train, **kwargs: seen.append((train.stored(), kwargs["train_labels"])) or [])
+    result = quality_discrete.main(["m2-100-a30-r50", "--schedule", "smoke", "--out", str(tmp_path), "--data-dir", str(mnist_dir),
+                                    "--device", "cpu", "--nll-samples", "2"])
+    (images, labels), = seen
+    assert result["labelled_repeat"] == 50 and len(images) == len(labels) == 300 + 49 * 100
+    kept = (labels[:300] >= 0).nonzero().squeeze(1)
+    train_labels = load_dataset("mnist", root=mnist_dir, subset=300, seed=0).train_labels
+    assert torch.equal(kept, balanced_label_draw(train_labels, 100, 10, seed=0))
+    assert torch.equal(images[300:], images[kept.repeat(49)]) and torch.equal(labels[300:], labels[kept.repeat(49)])
+    assert torch.bincount(labels[labels >= 0], minlength=10).tolist() == [500] * 10
