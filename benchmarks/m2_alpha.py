@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,25 +41,17 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.quality import code_version  # noqa: E402
-from benchmarks.quality_discrete import NETWORK, with_repeats  # noqa: E402
+from benchmarks.quality_discrete import NETWORK, SCHEDULES, configs, kept_labels, with_repeats  # noqa: E402
 from pyrovae.checkpoints import write_text_atomic  # noqa: E402
 from pyrovae.data import ImageSet, load_dataset  # noqa: E402
 from pyrovae.devices import resolve_device  # noqa: E402
 from pyrovae.evaluation import predict_classes  # noqa: E402
-from pyrovae.models import M2Config, SemiSupervisedVAE  # noqa: E402
-from pyrovae.models.semi_supervised import UNLABELLED, balanced_label_draw  # noqa: E402
-from pyrovae.training import CHECKPOINT_FILE, Trainer, TrainingConfig  # noqa: E402
+from pyrovae.models import build_model  # noqa: E402
+from pyrovae.models.semi_supervised import balanced_label_draw  # noqa: E402
+from pyrovae.training import CHECKPOINT_FILE, Trainer  # noqa: E402
 
 VALIDATION_IMAGES = 10_000
 RESULT_FILE = "result.json"
-
-
-def kept_labels(train_labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """``train_labels: (N,)`` with all but ``count`` of them (balanced, drawn with ``seed``) set to UNLABELLED."""
-    kept = balanced_label_draw(train_labels, count, 10, seed=seed)
-    labels = torch.full_like(train_labels, UNLABELLED)
-    labels[kept] = train_labels[kept]
-    return labels
 
 
 def try_alpha(alpha: float, folder: Path, train: ImageSet, data, labels: torch.Tensor, epochs: int, seed: int, device) -> dict:
@@ -71,9 +63,11 @@ def try_alpha(alpha: float, folder: Path, train: ImageSet, data, labels: torch.T
     if (folder / CHECKPOINT_FILE).exists():
         trainer = Trainer.resume(folder, device=device)
     else:
+        # the m2-100 row's network and schedule, over ``epochs``, with ``alpha``
+        schedule = replace(SCHEDULES["cpu"], epochs={"m2-100": epochs}, eval_every=epochs)
+        model_config, config = configs("m2-100", schedule, seed)
         torch.manual_seed(seed)
-        model = SemiSupervisedVAE(M2Config(network=NETWORK, likelihood="bernoulli", alpha=alpha)).to(device)
-        config = TrainingConfig(epochs=epochs, batch_size=100, lr=1e-3, lr_schedule="cosine", eval_every=epochs, seed=seed, progress=False)
+        model = build_model("m2", replace(model_config, alpha=alpha)).to(device)
         trainer = Trainer(model, config, out_dir=folder, model_name="m2")
     history = trainer.fit(train, dynamic_binarization=True, train_labels=labels)
     predicted = predict_classes(trainer.model.eval(), data.val[:]).cpu()
@@ -109,7 +103,8 @@ def main(argv=None) -> dict:
     data = load_dataset("mnist", root=args.data_dir, device=device, binarize="dynamic", val_size=val_size, subset=args.subset, seed=0)
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
-    train, labels = with_repeats(data.train, kept_labels(data.train_labels, args.labels, args.seed), args.repeat)
+    drawn = balanced_label_draw(data.train_labels, args.labels, 10, seed=args.seed)
+    train, labels = with_repeats(data.train, kept_labels(data.train_labels, drawn), args.repeat)
     repeated = f"-repeat{args.repeat}" if args.repeat > 1 else ""
     out = args.out or REPO / "runs" / "m2_alpha" / f"labels{args.labels}-seed{args.seed}-e{args.epochs}{repeated}"
     tries = []

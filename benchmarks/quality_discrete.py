@@ -140,6 +140,14 @@ def labels_kept(row: str, schedule: Schedule) -> int | None:
     return schedule.labels.get(row, ROWS[row].labels)
 
 
+def kept_labels(train_labels: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``train_labels: (N,)`` with every label but those at the indices ``kept`` set to UNLABELLED."""
+    labels = torch.full_like(train_labels, UNLABELLED)
+    kept = kept.to(labels.device)
+    labels[kept] = train_labels[kept]
+    return labels
+
+
 def with_repeats(train: ImageSet, labels: torch.Tensor, repeat: int) -> tuple[ImageSet, torch.Tensor]:
     """``train: (N, C, H, W)`` and ``labels: (N,)`` (UNLABELLED where there is none) with ``repeat - 1`` copies of each
     labelled image appended: an epoch then shows each labelled image ``repeat`` times, so its ELBO weighs ``repeat``
@@ -173,9 +181,7 @@ def train(row: str, schedule: Schedule, folder: Path, data, device, seed: int = 
         trainer = Trainer(model, training, out_dir=folder, model_name=ROWS[row].model, metadata=metadata)
     images, given = data.train, {}
     if draw is not None:
-        labels = torch.full_like(data.train_labels, UNLABELLED)
-        kept = torch.tensor(draw["indices"], dtype=torch.int64, device=labels.device)
-        labels[kept] = data.train_labels[kept]
+        labels = kept_labels(data.train_labels, torch.tensor(draw["indices"], dtype=torch.int64))
         images, labels = with_repeats(images, labels, ROWS[row].repeat)
         given = {"train_labels": labels}
     try:
