@@ -28,7 +28,7 @@ Schedules (:data:`SCHEDULES`): ``cpu`` (Adam 1e-3 with a cosine decay, batch 100
 :data:`SCHEDULES`, sized to a few hours of 2 CPU threads: an M2 epoch decodes every image once per
 class, 10 times the VAE's work) and ``smoke`` (300 images, 2 epochs, k=50: proves the wiring). The
 run folder (``--out``, default ``runs/quality/ROW[-seedN]-SCHEDULE``) is a pyrovae run folder
-(``pyrovae eval`` reads it) plus ``nll.json``, ``result.json``, ``learning_curve.png``, ``confusion.png``
+(``pyrovae eval`` reads it; its history has the row's accuracy on the test images at each evaluation) plus ``nll.json``, ``result.json``, ``learning_curve.png``, ``confusion.png``
 (the test labels against the classes of q(y|x), or the clusters) and ``weights.pt`` (the trained model
 alone, as :mod:`benchmarks.quality` keeps it; :func:`pyrovae.training.load_model` reads it); running the
 same command again continues an interrupted run, training bit for bit from its checkpoint, then the NLL
@@ -95,6 +95,8 @@ ROWS = {
 #: what a finished row commits in DOCS/NAME/ (described in docs/quality_discrete.md)
 PUBLISHED_FILES = (*NLL_ROW_FILES, "confusion.png")
 DOCS = REPO / "docs" / "quality_discrete"
+#: the history's column of the row's accuracy (:func:`accuracy`) on all the test images, at each evaluation
+ACCURACY_COLUMN = "test_accuracy_percent"
 NETWORK = NetworkConfig(input_shape=(1, 28, 28), latent_dim=50, hidden=(500,), activation="softplus")
 
 
@@ -184,11 +186,13 @@ def train(row: str, schedule: Schedule, folder: Path, data, device, seed: int = 
         labels = kept_labels(data.train_labels, torch.tensor(draw["indices"], dtype=torch.int64))
         images, labels = with_repeats(images, labels, ROWS[row].repeat)
         given = {"train_labels": labels}
+    scores = {ACCURACY_COLUMN: lambda model: accuracy(row, model, data)}  # on all the test images, at each evaluation
     try:
-        history = trainer.fit(images, dynamic_binarization=True, test=monitor, **given)
+        history = trainer.fit(images, dynamic_binarization=True, test=monitor, scores=scores, **given)
     finally:
         if trainer.history:
-            plots.training_curves(trainer.history, path=folder / "learning_curve.png")
+            scored = [ACCURACY_COLUMN] if any(epoch.get(ACCURACY_COLUMN) is not None for epoch in trainer.history) else []
+            plots.training_curves(trainer.history, path=folder / "learning_curve.png", scores=scored)
     return trainer.model.eval(), history
 
 

@@ -40,7 +40,7 @@ from .checkpoints import write_text_atomic
 from .data import BINARIZATION, DATASETS, STORAGES, TEST_FRACTION, TEST_SPLIT_SEED, DatasetNotFoundError, load_dataset, load_images
 from .devices import resolve_device
 from .errors import InputError
-from .evaluation import PCA, evaluate
+from .evaluation import PCA, class_accuracy, evaluate
 from .likelihoods import LIKELIHOODS
 from .models import AAE, MODELS, SemiSupervisedVAE, build_model
 from .models.semi_supervised import UNLABELLED, balanced_label_draw
@@ -531,6 +531,21 @@ def _fit_labels(model, data, test_images: int = 0, draw: dict | None = None) -> 
     }
 
 
+#: the history's columns of :func:`_class_scores`, drawn beside the losses in training_curves.png
+SCORE_COLUMNS = ("test_accuracy", "test_cluster_accuracy")
+
+
+def _class_scores(model, monitor, labels) -> dict:
+    """The scores ``Trainer.fit`` takes for a model with a discrete latent trained beside labelled ``monitor`` test
+    images: at each evaluation, M2's accuracy on them (``test_accuracy``) or the mixture VAE's clustering accuracy
+    (``test_cluster_accuracy``), in [0, 1]; none for another model, or without monitor images or labels."""
+    if not len(monitor) or labels is None or not callable(getattr(model, "classify", None)):
+        return {}
+    name = "accuracy" if getattr(model, "classes_are_labels", False) else "cluster_accuracy"
+    labels = labels[: len(monitor)]
+    return {f"test_{name}": lambda trained: class_accuracy(trained, monitor, labels)[name]}
+
+
 def _figures(model, data, history, folder: Path) -> list[str]:
     """Write the run's figures into ``folder``; their file names."""
     written = []
@@ -574,7 +589,8 @@ def _figures(model, data, history, folder: Path) -> list[str]:
             plots.manifold(model, path=folder / "manifold.png")
             written.append("manifold.png")
     if history:
-        plots.training_curves(history, path=folder / "training_curves.png")
+        scored = [name for name in SCORE_COLUMNS if any(row.get(name) is not None for row in history)]
+        plots.training_curves(history, path=folder / "training_curves.png", scores=scored)
         written.append("training_curves.png")
     return written
 
@@ -646,7 +662,7 @@ def cmd_train(args) -> None:
     try:
         history = trainer.fit(
             data.train, val=data.val, dynamic_binarization=data.dynamic_binarization, test=monitor if len(monitor) else None,
-            **_fit_labels(trainer.model, data, len(monitor), draw),
+            **_fit_labels(trainer.model, data, len(monitor), draw), scores=_class_scores(trainer.model, monitor, data.test_labels),
         )
     except KeyboardInterrupt as interrupt:
         raise KeyboardInterrupt(f"{interrupt}; from the command line: pyrovae train --out {folder} --resume") from None

@@ -65,6 +65,7 @@ __all__ = [
     "predict_classes",
     "confusion_matrix",
     "clustering_accuracy",
+    "class_accuracy",
     "evaluate",
 ]
 
@@ -635,6 +636,21 @@ def clustering_accuracy(clusters: Tensor, labels: Tensor) -> float:
     return float(counts[rows, cols].sum()) / len(labels)
 
 
+def class_accuracy(model, x: Tensor, labels: Tensor) -> dict[str, float]:
+    """How well the classes of a model with a discrete latent (``classify``) match ``labels: (N,)`` on ``x: (N, C, H, W)``,
+    in ``[0, 1]``: ``{"accuracy": ...}`` where the classes are the labels (``classes_are_labels``: M2's q(y|x)), else
+    ``{"cluster_accuracy": ...}`` (:func:`clustering_accuracy`: the mixture VAE's clusters)."""
+    if not callable(getattr(model, "classify", None)):
+        raise InputError(f"a {type(model).__name__} has no discrete latent to classify images with")
+    predicted = predict_classes(model, x)
+    labels = labels.to(predicted.device)
+    if getattr(model, "classes_are_labels", False):
+        if predicted.shape != labels.shape:
+            raise InputError(f"labels must be one per image, shape {tuple(predicted.shape)}, got {tuple(labels.shape)}")
+        return {"accuracy": (predicted == labels).double().mean().item()}
+    return {"cluster_accuracy": clustering_accuracy(predicted, labels)}
+
+
 # --------------------------------------------------------------------------- aggregated posterior vs prior
 
 #: Scales ``s`` of the MMD's inverse multiquadric kernel, ``C_s = 2 L s`` (as in Tolstikhin et al.'s WAE).
@@ -886,12 +902,7 @@ def evaluate(model, data: ImageData, num_samples: int = 1000) -> dict:
             if num_samples > 0:
                 results["nll"] = -log_likelihood(model, test, num_samples=num_samples, labels=labels).double().mean().item()
         if callable(getattr(model, "classify", None)) and data.test_labels is not None:  # a discrete latent: M2's classes, the mixture VAE's clusters
-            predicted = predict_classes(model, test)
-            test_labels = data.test_labels.to(predicted.device)
-            if getattr(model, "classes_are_labels", False):
-                results["accuracy"] = (predicted == test_labels).double().mean().item()
-            else:
-                results["cluster_accuracy"] = clustering_accuracy(predicted, test_labels)
+            results.update(class_accuracy(model, test, data.test_labels))
         results.update(reconstruction_error(model, test, labels=labels))
         if not isinstance(model, PCA):
             results["prior_mmd"] = prior_mmd(model, test[:MMD_IMAGES], labels=None if labels is None else labels[:MMD_IMAGES])

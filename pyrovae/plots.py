@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -335,14 +336,16 @@ def manifold(vae, n: int = 20, path=None) -> Figure:
     return _finish(figure, path)
 
 
-def training_curves(history: list[dict], path=None) -> Figure:
-    """The training, validation and test losses against the epoch.
+def training_curves(history: list[dict], path=None, scores: Sequence[str] = ()) -> Figure:
+    """The training, validation and test losses against the epoch; beside them, the ``scores`` named.
 
     ``history`` holds one dict per epoch, as :meth:`pyrovae.training.Trainer.fit` returns it:
     ``"train_loss"`` and, if any, ``"val_loss"`` and ``"test_loss"`` become lines against
     ``"epoch"`` (else 1, 2, ...), each through the epochs where it was measured (``None``
     elsewhere). Rows of greedy pretraining (``"phase"`` other than ``"train"``, the stacked
     autoencoder) measure other losses and are left out; the title says how many.
+    scores: columns of the history (the ``scores`` given to ``fit``, a test accuracy, say) drawn the same
+        way in a second panel.
     """
     if not history or not all(isinstance(row, dict) for row in history):
         raise InputError("history must be a non-empty list of dicts, one per epoch")
@@ -351,19 +354,25 @@ def training_curves(history: list[dict], path=None) -> Figure:
     if not keys:
         found = sorted({key for row in history for key in row})
         raise InputError(f"the history has no end-to-end 'train_loss', 'val_loss' or 'test_loss' to plot (keys: {found})")
-    figure = _figure(6.4, 4.2)
-    ax = figure.add_subplot()
-    for key in keys:
-        points = [(row.get("epoch", i + 1), float(row[key])) for i, row in enumerate(rows) if row.get(key) is not None]
-        epochs, values = zip(*points)
-        ax.plot(epochs, values, marker="o" if len(points) <= 30 else None, markersize=4, label=key.replace("_", " "))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per example")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
+    scores = [scores] if isinstance(scores, str) else list(scores)
+    missing = [name for name in scores if not any(row.get(name) is not None for row in rows)]
+    if missing:
+        found = sorted({key for row in history for key in row})
+        raise InputError(f"the history has no values of the scores {missing} (keys: {found})")
+    figure = _figure(6.4 + 4.8 * bool(scores), 4.2)
+    panels = figure.subplots(1, 1 + bool(scores), squeeze=False)[0]
+    for ax, names, ylabel in zip(panels, (keys, scores), ("loss per example", "score")):
+        for key in names:
+            points = [(row.get("epoch", i + 1), float(row[key])) for i, row in enumerate(rows) if row.get(key) is not None]
+            epochs, values = zip(*points)
+            ax.plot(epochs, values, marker="o" if len(points) <= 30 else None, markersize=4, label=key.replace("_", " "))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
     skipped = len(history) - len(rows)
-    ax.set_title("training curves" + (f" (after {skipped} epoch{'s' * (skipped != 1)} of layer-wise pretraining, not shown)" if skipped else ""))
+    panels[0].set_title("training curves" + (f" (after {skipped} epoch{'s' * (skipped != 1)} of layer-wise pretraining, not shown)" if skipped else ""))
     return _finish(figure, path)
 
 

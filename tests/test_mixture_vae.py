@@ -19,8 +19,8 @@ from torch.distributions import Bernoulli, Normal
 from conftest import tiny_network
 from pyrovae.cli import main
 from pyrovae.errors import InputError
-from pyrovae.evaluation import clustering_accuracy, confusion_matrix, elbo_per_example, evaluate, log_likelihood, predict_classes
-from pyrovae.models import MixtureVAE, MixtureVAEConfig
+from pyrovae.evaluation import class_accuracy, clustering_accuracy, confusion_matrix, elbo_per_example, evaluate, log_likelihood, predict_classes
+from pyrovae.models import VAE, MixtureVAE, MixtureVAEConfig, VAEConfig
 from pyrovae.models.base import evaluating
 from pyrovae.models.mixture import KMEANS_SEED, MIN_START_SCALE
 from pyrovae.nets import NetworkConfig
@@ -244,6 +244,9 @@ def test_evaluate_reports_the_clustering_accuracy(mnist):
     results = evaluate(model, mnist, num_samples=3)
     assert results["cluster_accuracy"] == pytest.approx(clustering_accuracy(predict_classes(model, mnist.test[:]), mnist.test_labels))
     assert "accuracy" not in results
+    assert class_accuracy(model, mnist.test[:], mnist.test_labels) == {"cluster_accuracy": results["cluster_accuracy"]}
+    with pytest.raises(InputError, match="VAE has no discrete latent"):
+        class_accuracy(VAE(VAEConfig(network=tiny_network())), mnist.test[:], mnist.test_labels)
 
 
 def test_the_command_line_trains_a_mixture_and_refuses_one_component(tmp_path, mnist_dir, capsys):
@@ -260,9 +263,12 @@ def test_the_command_line_trains_a_mixture_and_refuses_one_component(tmp_path, m
     assert "--model vae takes no --pretrain-epochs" in capsys.readouterr().err and not folder.exists()
 
     folder = tmp_path / "gmvae"
-    assert main(["train", "--model", "gmvae", "--num-components", "3", "--pretrain-epochs", "2", "--out", str(folder), *small]) == 0
+    assert main(["train", "--model", "gmvae", "--num-components", "3", "--pretrain-epochs", "2", "--out", str(folder), *small,
+                 "--eval-images", "1000"]) == 0
     assert {"confusion.png", "interpolations.png", "samples.png"} <= {p.name for p in folder.iterdir()}
-    assert [row["phase"] for row in json.loads((folder / "metrics.json").read_text())] == ["pretrain", "pretrain", "train"]
+    history = json.loads((folder / "metrics.json").read_text())
+    assert [row["phase"] for row in history] == ["pretrain", "pretrain", "train"]
+    assert history[-1]["test_cluster_accuracy"] == json.loads((folder / "summary.json").read_text())["cluster_accuracy"]
     capsys.readouterr()
     assert main(["eval", str(folder), "--num-samples", "5"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| elbo"))

@@ -105,6 +105,21 @@ def test_training_curves(tmp_path):
         plots.training_curves([{"epoch": 1, "seconds": 3.0}])
 
 
+def test_training_curves_draw_scores_in_a_second_panel():
+    history = [
+        {"phase": "train", "epoch": 1, "train_loss": 200.0, "test_loss": None, "test_accuracy": None},
+        {"phase": "train", "epoch": 2, "train_loss": 150.0, "test_loss": 160.0, "test_accuracy": 0.8},
+        {"phase": "train", "epoch": 3, "train_loss": 140.0, "test_loss": 150.0, "test_accuracy": 0.9},
+    ]
+    losses, scores = plots.training_curves(history, scores=["test_accuracy"]).axes
+    assert [line.get_label() for line in losses.get_lines()] == ["train loss", "test loss"]
+    (line,) = scores.get_lines()
+    assert line.get_label() == "test accuracy" and list(line.get_xdata()) == [2, 3] and list(line.get_ydata()) == [0.8, 0.9]
+    assert len(plots.training_curves(history).axes) == 1
+    with pytest.raises(ValueError, match="no values of the scores"):
+        plots.training_curves(history, scores=["accuracy"])
+
+
 def test_comparison_with_and_without_samples(models, mnist, tmp_path):
     pca = PCA(8).fit(mnist.train)
     figure = plots.comparison({**models, "pca": pca}, mnist.test[:], n=5, path=tmp_path / "compare.png")

@@ -57,6 +57,9 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
     assert 0 <= first["accuracy_percent"] <= 100 and 80 < first["test_nll"] < 560
     for name in ("result.json", "nll.json", "learning_curve.png", "checkpoint.pt", "weights.pt", "confusion.png"):
         assert (tmp_path / name).exists(), name
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [epoch[quality_discrete.ACCURACY_COLUMN] is not None for epoch in history] == [True, True]  # smoke: eval_every 1
+    assert history[-1][quality_discrete.ACCURACY_COLUMN] == first["accuracy_percent"]  # the trained model, every test image
     metadata = json.loads((tmp_path / "config.json").read_text())["metadata"]
     assert json.loads((tmp_path / "config.json").read_text())["training_config"]["seed"] == seed and first["seed"] == seed
     if row == "m2-100":

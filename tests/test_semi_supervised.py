@@ -358,7 +358,10 @@ def test_the_command_line_trains_evaluates_and_refuses_bad_labels(tmp_path, mnis
     assert "--model vae takes no labels" in capsys.readouterr().err and not (tmp_path / "v").exists()
 
     folder = tmp_path / "m2"
-    assert main(["train", "--model", "m2", "--labels", "20", "--out", str(folder), *small]) == 0
+    assert main(["train", "--model", "m2", "--labels", "20", "--out", str(folder), *small, "--eval-images", "1000"]) == 0
+    history = json.loads((folder / "metrics.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert history[-1]["test_accuracy"] == summary["accuracy"]  # the last epoch scored every test image, as eval does
     draw = json.loads((folder / "config.json").read_text())["metadata"]["labels"]
     assert draw["count"] == 20 and draw["seed"] == 0 and len(draw["indices"]) == 20
     assert {"analogies.png", "confusion.png"} <= {p.name for p in folder.iterdir()}

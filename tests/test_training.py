@@ -593,6 +593,62 @@ def test_a_worse_test_loss_never_stops_training(train, val):
     assert len(history) == 4 and history[-1]["test_loss"] > history[0]["test_loss"] + 1000
 
 
+def test_scores_are_history_columns_at_each_evaluation_and_change_no_draw(tmp_path, train, val):
+    """A score is called in eval mode without gradients at each evaluation; torch's RNG is forked around it, so the
+    run trains to the same bits as one without it, even when the score itself draws."""
+    reference = vae()
+    expected = Trainer(reference, config(epochs=3, eval_every=2)).fit(train, val=val, dynamic_binarization=True)
+
+    calls = []
+
+    def mean_code(model):  # draws from torch's global RNG, as a sampled score would
+        calls.append((model.training, torch.is_grad_enabled()))
+        return float(model.encode(val[:8]).mean() + 0 * torch.rand(()))
+
+    model = vae()
+    history = Trainer(model, config(epochs=3, eval_every=2), out_dir=tmp_path / "run").fit(
+        train, val=val, dynamic_binarization=True, scores={"mean_code": mean_code})
+    assert_same_weights(model, reference)
+    assert calls == [(False, False)] * 2 and model.training  # epochs 2 and 3 (the last), back in training mode after
+    assert [row["mean_code"] is not None for row in history] == [False, True, True]
+    model.eval()
+    with torch.no_grad():
+        assert history[-1]["mean_code"] == pytest.approx(float(model.encode(val[:8]).mean()))
+    columns = list(history[0])
+    assert columns[columns.index("test_loss") + 1] == "mean_code"
+    assert [{k: v for k, v in row.items() if k != "mean_code"} for row in without_seconds(history)] == without_seconds(expected)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["mean_code"] for row in rows] == ["", repr(history[1]["mean_code"]), repr(history[2]["mean_code"])]
+
+
+def test_a_score_given_only_when_a_run_is_continued_gets_its_own_csv_column(tmp_path, train, val):
+    model = vae(SignallingVAE).arm(at=5)  # the first step of epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model, config(epochs=2, eval_every=1), out_dir=tmp_path / "run", model_name="vae").fit(train, val=val)
+    resumed = Trainer.resume(tmp_path / "run", device="cpu")
+    history = resumed.fit(train, val=val, scores={"one": lambda model: 1.0})
+    assert "one" not in history[0] and history[1]["one"] == 1.0
+    with open(tmp_path / "run" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["one"] for row in rows] == ["", "1.0"] and rows[0]["val_loss"] != ""
+
+
+@pytest.mark.parametrize("scores, words", [
+    ({"test_loss": lambda model: 0.0}, "name of its own"),
+    ({"": lambda model: 0.0}, "name of its own"),
+    ({"accuracy": 0.9}, "function of the model"),
+    ([lambda model: 0.0], "map a column name"),
+    ({"kl_weight": lambda model: 0.0}, "model's own figures"),
+])
+def test_bad_scores_are_refused_before_an_epoch_is_recorded(tmp_path, train, scores, words):
+    """Names and types before anything is written; a clash with the model's figures, known at its first step, then."""
+    with pytest.raises(InputError, match=words):
+        Trainer(vae(), config(), out_dir=tmp_path / "run").fit(train, scores=scores)
+    metrics = tmp_path / "run" / "metrics.json"
+    assert not metrics.exists() or json.loads(metrics.read_text()) == []
+
+
 def test_the_iwae_schedule_is_the_papers_at_3280_epochs_and_compresses_to_fewer():
     paper = StagedDecay(3280)
     lengths = [end - start for start, end in zip([0, *paper.stage_ends()], paper.stage_ends())]

@@ -52,10 +52,11 @@ class RunFolder:
         return json.loads(file.read_text()) if file.exists() else {}
 
     def write_history(self, history: list[dict]) -> None:
-        """metrics.json, metrics.csv (columns in the order of the first row) and the last row to TensorBoard."""
+        """metrics.json, metrics.csv (every row's columns in the order they first appear; empty where a row has none, as
+        rows written before a score was given) and the last row to TensorBoard."""
         write_text_atomic(self.path / METRICS_JSON, json.dumps(history, indent=2) + "\n")
         text = io.StringIO()
-        columns = list(history[0]) if history else []
+        columns = list(dict.fromkeys(key for row in history for key in row))
         writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)

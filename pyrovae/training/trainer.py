@@ -297,6 +297,7 @@ class Trainer:
         self._signal: int | None = None  # the signal that stops training (with W > 1: agreed by every rank)
         self._received: int | None = None  # (W > 1) a signal this rank received, not yet agreed
         self._checked_data = None  # what _check_data last accepted
+        self._scores: dict = {}  # fit's scores
         self._ranks = (0, 1)  # (rank, world size) of the current fit, from torch.distributed
         self._cpu_group = None  # the group of the per-step flags (W > 1): None, the default group, unless that is NCCL alone
 
@@ -326,6 +327,7 @@ class Trainer:
         train_labels: Tensor | None = None,
         val_labels: Tensor | None = None,
         test_labels: Tensor | None = None,
+        scores: dict[str, Callable[[TrainableModel], float]] | None = None,
     ) -> list[dict]:
         """Train on ``train: (N, C, H, W)``; validate on ``val: (M, C, H, W)`` every ``config.eval_every`` epochs.
 
@@ -338,6 +340,11 @@ class Trainer:
         train_labels, val_labels, test_labels: int64 labels ``(N,)``, ``(M,)``, ``(T,)`` of the images
             of each split given, for a conditional model (``model.conditional``), which needs them;
             a model of images alone takes none. They change no random draw of the run.
+        scores: name -> a function of the model giving a number (a test accuracy, say), called at every
+            evaluation (when the validation loss is) in eval mode without gradients, on every process; each
+            is a column of the history after ``test_loss`` (``None`` in the epochs between). Its random
+            draws are its own (torch's RNG is forked): scores change no draw of the run. Pass the same
+            scores again to continue a run; epochs before a score was given hold ``None``.
         A new run seeds torch's global RNG with ``config.seed`` (see the module docs).
         Returns the history: one dict per epoch with the keys :data:`HISTORY_COLUMNS` and the
         model's own figures. Raises :class:`~pyrovae.errors.InputError` for unusable data (before
@@ -345,6 +352,7 @@ class Trainer:
         :class:`KeyboardInterrupt` on SIGINT/SIGTERM.
         """
         self._ranks = (distributed.rank(), distributed.world_size())
+        self._scores = self._check_scores(scores)
         (train, train_labels), val, test = self._check_data(
             {"train": (train, train_labels), "val": (val, val_labels), "test": (test, test_labels)}, dynamic_binarization
         )
@@ -455,6 +463,30 @@ class Trainer:
             for images, labels in placed.values()
         ]
 
+    def _check_scores(self, scores) -> dict:
+        """``scores`` (name -> callable, or None) checked: callables under names no other column of the history has."""
+        scores = {} if scores is None else scores
+        if not isinstance(scores, dict):
+            raise InputError(f"scores must map a column name to a function of the model, got {type(scores).__name__}")
+        for name, score in scores.items():
+            if not isinstance(name, str) or not name or name in HISTORY_COLUMNS or name in (self._pos.figure_names if self._pos else ()):
+                raise InputError(f"a score needs a name of its own, not one of the history's columns {HISTORY_COLUMNS}: got {name!r}")
+            if not callable(score):
+                raise InputError(f"score {name!r} must be a function of the model, got {type(score).__name__}")
+        return dict(scores)
+
+    @torch.no_grad()
+    def _score(self) -> dict[str, float]:
+        """Each of the scores given to ``fit``, of the model in eval mode, with torch's RNG forked."""
+        model = self.model
+        model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return {name: float(score(model)) for name, score in self._scores.items()}
+        finally:
+            model.train()
+
     def _check_same_data(self, train: Tensor, val: Tensor | None, test: Tensor | None) -> None:
         """(W > 1) Raise the same :class:`InputError` on every rank unless all were given splits of the same sizes;
         make the group of the per-step flags (a collective call, on every rank alike)."""
@@ -553,6 +585,9 @@ class Trainer:
             names = tuple(figures)
             if not names or names[0] != "loss":
                 raise InputError(f"a training step must return its figures with 'loss' first, got {names}")
+            clash = set(names) & set(self._scores)
+            if clash:
+                raise InputError(f"the scores {sorted(clash)} have the names of the model's own figures {names}: rename them")
             pos.figure_names = names
         if pos.figures is None:
             pos.figures = torch.full((steps, len(pos.figure_names)), math.nan, device=self.device)
@@ -711,6 +746,7 @@ class Trainer:
         evaluate = (pos.epoch + 1) % self.config.eval_every == 0 or pos.epoch + 1 == phase.epochs
         val_loss = self._validate(*val) if val is not None and evaluate else None
         test_loss = self._validate(*test) if test is not None and evaluate else None
+        scored = self._score() if evaluate else dict.fromkeys(self._scores)
         for scheduler in self.schedulers.values():
             scheduler.step()
         stopped = False
@@ -726,6 +762,7 @@ class Trainer:
         row.update({
             "val_loss": val_loss,
             "test_loss": test_loss,
+            **scored,
             "best_val_loss": pos.best_val_loss if phase.name == "train" else None,
             "best_epoch": pos.best_epoch if phase.name == "train" else None,
             "lr": lr,
