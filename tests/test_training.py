@@ -626,8 +626,12 @@ def test_a_score_given_only_when_a_run_is_continued_gets_its_own_csv_column(tmp_
     model = vae(SignallingVAE).arm(at=5)  # the first step of epoch 2
     with pytest.raises(KeyboardInterrupt):
         Trainer(model, config(epochs=2, eval_every=1), out_dir=tmp_path / "run", model_name="vae").fit(train, val=val)
+    first_epoch = json.loads((tmp_path / "run" / "metrics.json").read_text())
     resumed = Trainer.resume(tmp_path / "run", device="cpu")
-    history = resumed.fit(train, val=val, scores={"one": lambda model: 1.0})
+    with pytest.raises(InputError, match="model's own figures"):  # known from the checkpoint: refused before a step
+        resumed.fit(train, val=val, scores={"kl_weight": lambda model: 1.0})
+    history = resumed.fit(train, val=val, scores={"one": lambda model: 1.0})  # the refusal lost nothing: it continues
+    assert history[:1] == first_epoch and history[1]["epoch"] == 2
     assert "one" not in history[0] and history[1]["one"] == 1.0
     with open(tmp_path / "run" / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))

@@ -469,11 +469,17 @@ class Trainer:
         if not isinstance(scores, dict):
             raise InputError(f"scores must map a column name to a function of the model, got {type(scores).__name__}")
         for name, score in scores.items():
-            if not isinstance(name, str) or not name or name in HISTORY_COLUMNS or name in (self._pos.figure_names if self._pos else ()):
+            if not isinstance(name, str) or not name or name in HISTORY_COLUMNS:
                 raise InputError(f"a score needs a name of its own, not one of the history's columns {HISTORY_COLUMNS}: got {name!r}")
             if not callable(score):
                 raise InputError(f"score {name!r} must be a function of the model, got {type(score).__name__}")
         return dict(scores)
+
+    def _check_score_figures(self, names: tuple) -> None:
+        """Raise :class:`InputError` if a score has one of the ``names`` of the model's own figures (known from its first step)."""
+        clash = sorted(set(names) & set(self._scores))
+        if clash:
+            raise InputError(f"the scores {clash} have the names of the model's own figures {names}: rename them")
 
     @torch.no_grad()
     def _score(self) -> dict[str, float]:
@@ -585,9 +591,7 @@ class Trainer:
             names = tuple(figures)
             if not names or names[0] != "loss":
                 raise InputError(f"a training step must return its figures with 'loss' first, got {names}")
-            clash = set(names) & set(self._scores)
-            if clash:
-                raise InputError(f"the scores {sorted(clash)} have the names of the model's own figures {names}: rename them")
+            self._check_score_figures(names)
             pos.figure_names = names
         if pos.figures is None:
             pos.figures = torch.full((steps, len(pos.figure_names)), math.nan, device=self.device)
@@ -837,6 +841,7 @@ class Trainer:
         if saved["dynamic_binarization"] != dynamic_binarization:
             raise InputError(f"this run was trained with dynamic_binarization={saved['dynamic_binarization']}: pass the same to continue it")
         saved["figure_names"] = tuple(saved["figure_names"])
+        self._check_score_figures(saved["figure_names"])
         self.history = [dict(row) for row in state["history"]]
         self._pos = _Position(**saved, epoch_rng=state["rng"]["batches"].clone())
         if state["epoch_figures"] is not None:
