@@ -32,7 +32,8 @@ run folder (``--out``, default ``runs/quality/ROW[-seedN]-SCHEDULE``) is a pyrov
 (the test labels against the classes of q(y|x), or the clusters) and ``weights.pt`` (the trained model
 alone, as :mod:`benchmarks.quality` keeps it; :func:`pyrovae.training.load_model` reads it); running the
 same command again continues an interrupted run, training bit for bit from its checkpoint, then the NLL
-from its last chunk.
+from its last chunk. The :data:`TRAINED_FILES` are written as soon as training ends, before the NLL: a row whose
+NLL is not needed commits those (the accuracy is in the last row of ``metrics.csv``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ ROWS = {
 }
 #: what a finished row commits in DOCS/NAME/ (described in docs/quality_discrete.md)
 PUBLISHED_FILES = (*NLL_ROW_FILES, "confusion.png")
+#: what a row commits in DOCS/NAME/ when its NLL is not run: the run folder holds these once training ends,
+#: before the NLL's first chunk
+TRAINED_FILES = (CONFIG_FILE, "metrics.csv", "learning_curve.png", "confusion.png", WEIGHTS_FILE)
 DOCS = REPO / "docs" / "quality_discrete"
 #: the history's column of the row's accuracy (:func:`accuracy`) on all the test images, at each evaluation
 ACCURACY_COLUMN = "test_accuracy_percent"
@@ -261,8 +265,8 @@ def main(argv=None) -> dict:
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{args.row}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
     score = accuracy(args.row, model, data, folder)
+    save_weights(folder, model, ROWS[args.row].model)  # the TRAINED_FILES are complete from here
     value = nll(model, data.test[:], schedule.nll_samples, folder)
-    save_weights(folder, model, ROWS[args.row].model)
     spec = ROWS[args.row]
     result = {
         "row": args.row,

@@ -52,6 +52,12 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
         return original(self, x, update, progress, y=y)
 
     monkeypatch.setattr(SemiSupervisedVAE, "training_step", recording)
+    with monkeypatch.context() as stopped:  # stopped at the NLL: the files a row commits without its NLL are all there
+        stopped.setattr(quality_discrete, "nll", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            quality_discrete.main(args)
+    assert all((tmp_path / name).exists() for name in quality_discrete.TRAINED_FILES) and not (tmp_path / "result.json").exists()
+    trained = load_model(tmp_path / "weights.pt")[0].state_dict()
     first = quality_discrete.main(args)
     if row == "m2-100":
         assert sum(seen) == 2 * 100  # every kept label reaches the steps, once an epoch
@@ -75,6 +81,7 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
     assert state["position"]["done"]
     kept = load_model(tmp_path / "weights.pt")[0].state_dict()
     assert kept.keys() == model.state_dict().keys() and all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(trained[k], v) for k, v in kept.items())  # written before the NLL, the same weights
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     again = quality_discrete.main(args)  # finished: nothing is trained or sampled again
@@ -82,10 +89,6 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, row, monkeypa
     rescored = quality_discrete.main([*args, "--rescore"])  # from weights.pt alone
     assert rescored["test_nll"] == pytest.approx(first["test_nll"], abs=1e-9) and rescored["accuracy_percent"] == first["accuracy_percent"]
     assert all(torch.equal(before[name], tensor) for name, tensor in load_model(tmp_path)[0].state_dict().items())
-
-
-#: what a row trained but not yet through its NLL commits in DOCS/NAME/ (docs/quality_discrete.md)
-TRAINED_FILES = ("config.json", "metrics.csv", "learning_curve.png", "confusion.png", "weights.pt")
 
 
 @pytest.mark.parametrize("folder", sorted(path.parent.name for path in quality_discrete.DOCS.glob("*/weights.pt")))
@@ -98,7 +101,7 @@ def test_the_committed_weights_give_the_committed_accuracy(mnist_dir, folder):
         assert sorted(p.name for p in path.iterdir()) == sorted(quality_discrete.PUBLISHED_FILES)
         expected = json.loads((path / "result.json").read_text())["accuracy_percent"]
     else:
-        assert sorted(p.name for p in path.iterdir()) == sorted(TRAINED_FILES)
+        assert sorted(p.name for p in path.iterdir()) == sorted(quality_discrete.TRAINED_FILES)
         expected = float([row for row in csv.DictReader((path / "metrics.csv").open()) if row["test_accuracy_percent"]][-1]["test_accuracy_percent"])
     model, _ = load_model(path / "weights.pt")
     data = load_dataset("mnist", root=mnist_dir, binarize="dynamic", seed=0)
