@@ -102,7 +102,8 @@ def test_the_committed_weights_give_the_committed_accuracy(mnist_dir, folder):
         expected = json.loads((path / "result.json").read_text())["accuracy_percent"]
     else:
         assert sorted(p.name for p in path.iterdir()) == sorted(quality_discrete.TRAINED_FILES)
-        expected = float([row for row in csv.DictReader((path / "metrics.csv").open()) if row["test_accuracy_percent"]][-1]["test_accuracy_percent"])
+        column = quality_discrete.ACCURACY_COLUMN
+        expected = float([row for row in csv.DictReader((path / "metrics.csv").open()) if row[column]][-1][column])
     model, _ = load_model(path / "weights.pt")
     data = load_dataset("mnist", root=mnist_dir, binarize="dynamic", seed=0)
     (accuracy,) = class_accuracy(model.eval(), data.test[:], data.test_labels).values()  # M2's accuracy or the clusters'
