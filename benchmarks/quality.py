@@ -52,7 +52,8 @@ The run folder (``--out``, default ``runs/quality/NAME``) is a pyrovae run folde
 the schedule's stages end), ``learning_curve.png`` (training loss and
 the bound on 1,000 test images against the epoch) and ``weights.pt``, the trained model alone (a pyrovae
 checkpoint of its name, config and ``state_dict``, float32, read with ``torch.load(weights_only=True)``;
-:func:`pyrovae.training.load_model` rebuilds the model from it). Running the same command again
+:func:`pyrovae.training.load_model` rebuilds the model from it; written as soon as training ends, before
+the NLL). Running the same command again
 continues an interrupted run: training from its last checkpoint (bit for bit), then the NLL from its
 last finished chunk. A finished row's :data:`PUBLISHED_FILES` are committed in ``docs/quality/NAME/``;
 ``--rescore`` scores the weights there again, without training, and prints the NLL beside the committed
@@ -389,8 +390,8 @@ def main(argv=None) -> dict:
     model, history = train(args.row, schedule, folder, data, device, args.seed)
     train_seconds = sum(row["seconds"] for row in history)
     print(f"{name}: trained {len(history)} epochs ({train_seconds / 60:.1f} min of training)", flush=True)
+    save_weights(folder, model, ROWS[args.row].model)  # before the NLL: a run stopped in its NLL has lost nothing trained
     value = nll(model, data.test[:], schedule.nll_samples, folder)
-    save_weights(folder, model, ROWS[args.row].model)
     model_config, training_config = configs(args.row, schedule, args.seed)
     result = {
         "row": args.row,

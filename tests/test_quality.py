@@ -68,8 +68,14 @@ def test_seeds_and_epochs_are_variants_of_a_row_with_their_own_folders():
     assert quality.run_name("vamp", "cpu", seed=1, epochs=900) == "vamp-e900-seed1-cpu"
 
 
-def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir):
+def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir, monkeypatch):
     args = ["vae", "--schedule", "smoke", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu"]
+    with monkeypatch.context() as stopped:  # stopped in its NLL: the trained weights are already kept
+        stopped.setattr(quality, "nll", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            quality.main(args)
+    assert (tmp_path / quality.WEIGHTS_FILE).exists() and not (tmp_path / "result.json").exists()
+    trained = torch.load(tmp_path / quality.WEIGHTS_FILE, weights_only=True)["model_state"]
     first = quality.main(args)
     assert first["epochs"] == 2 and first["test_images"] == 300 and first["nll_samples"] == 50
     assert 80 < first["test_nll"] < 560 and "dynamic binarization" in first["protocol"]
@@ -93,6 +99,7 @@ def test_smoke_run_writes_results_and_resumes(tmp_path, mnist_dir):
     assert set(saved) == {"model_name", "model_config", "model_state", "format_version"}  # no optimizer, no position
     assert all(value.dtype == torch.float32 for value in saved["model_state"].values())
     torch.testing.assert_close(saved["model_state"], model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(saved["model_state"], trained, rtol=0, atol=0)  # the weights kept before the NLL are the run's
     assert 1.5e6 < weights.stat().st_size < 2.5e6
 
     again = quality.main(args)  # finished: nothing is trained or sampled again
